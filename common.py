@@ -381,8 +381,8 @@ def setup_device(device: str, dtype: str, threads: int):
         fail(f"--device {device}: CUDA is not available on this machine")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if device == "cpu":  # torch's default can oversubscribe a small shared CPU; a few threads suffice
+        torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 

@@ -45,7 +45,7 @@ class Args:
     """images per micro-batch"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 60
+    iters: int = 40
     """optimizer updates"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 2e-5 at LoRA rank 128)"""
@@ -73,9 +73,9 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 1
-    """CPU threads for torch (0 = torch's default); 1 is fastest for the tiny model on a small CPU"""
-    eval_every: int = 20
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 10
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
     """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
