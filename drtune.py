@@ -92,6 +92,22 @@ def check_args(args: Args):
     return prompts
 
 
+def drtune_steps(T: int, K: int, m: int):
+    """Algorithm 1 lines 5-8 -> (rollout step indices that carry gradient, rollout step index to stop at).
+
+    Paper timesteps t run T..1 (t = T is the first, noisiest step); the rollout counts steps i = T - t.
+    """
+    stride = T // K
+    # Line 5 draws s ~ randint(1, T - K*floor(T/K)), an empty range when K divides T. We draw
+    # s ~ randint(1, T - (K-1)*floor(T/K)): the largest range that keeps all K steps inside 1..T;
+    # when K divides T every timestep is then trained equally often.
+    s = random.randint(1, T - (K - 1) * stride)
+    train_timesteps = [s + j * stride for j in range(K)]  # line 6: K equally spaced steps
+    t_min = random.randint(1, m)  # line 8: stop at t_min and score the x0 prediction made there
+    # Trained steps with t < t_min are never reached and so contribute nothing, as in Algorithm 1.
+    return sorted(T - t for t in train_timesteps), T - t_min
+
+
 def main():
     # TRY NOT TO MODIFY: setup
     args = tyro.cli(Args)
@@ -120,17 +136,8 @@ def main():
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
 
-        # ALGO LOGIC: DRTune Algorithm 1. Paper timesteps t run T..1 (t = T is the first, noisiest step);
-        # the rollout counts steps i = T - t from 0.
-        stride = T // K
-        # Line 5 draws s ~ randint(1, T - K*floor(T/K)), an empty range when K divides T. We draw
-        # s ~ randint(1, T - (K-1)*floor(T/K)): the largest range that keeps all K steps inside 1..T;
-        # when K divides T every timestep is then trained equally often.
-        s = random.randint(1, T - (K - 1) * stride)
-        train_timesteps = [s + j * stride for j in range(K)]  # line 6
-        t_min = random.randint(1, args.m)  # line 8: stop early at t_min and score the x0 prediction there
-        # Trained steps with t < t_min are never reached, so they contribute nothing (as in Alg. 1).
-        grad_steps = [T - t for t in train_timesteps]
+        # ALGO LOGIC: which steps carry gradient, and where sampling stops (Algorithm 1 lines 5-8)
+        grad_steps, stop_step = drtune_steps(T, K, args.m)
 
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum):
@@ -140,7 +147,7 @@ def main():
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
                                  eta=args.eta, grad_steps=grad_steps,
                                  stop_grad_input=True,  # eq. 3: eps_theta(sg(x_t), t)
-                                 stop_step=T - t_min, checkpoint=args.checkpoint)
+                                 stop_step=stop_step, checkpoint=args.checkpoint)
             images = common.decode(pipe.vae, out.output, checkpoint=args.vae_checkpoint)
             reward = reward_fn(images, batch)
             loss = -reward.mean() / args.grad_accum  # line 23: ascend the reward of the x0 prediction
@@ -156,7 +163,7 @@ def main():
         reward_all = torch.cat(rewards_seen)
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
-                "t_min": t_min, "train_timesteps": train_timesteps}
+                "t_min": T - stop_step, "trained_steps": grad_steps}
         if it == args.iters - 1:
             row |= evaluate(it + 1)  # the final model, after the last update
         log.log(row)
