@@ -1,0 +1,118 @@
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import common
+import drtune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*flags, timeout=300):
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "drtune.py"), *flags], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("T,K,m", [(20, 5, 8), (50, 5, 20), (20, 3, 8), (7, 7, 6), (10, 1, 1)])
+def test_drtune_steps_are_k_equally_spaced_inside_the_chain(T, K, m):
+    random.seed(0)
+    offsets = Counter()
+    for _ in range(400):
+        grad_steps, stop_step = drtune.drtune_steps(T, K, m)
+        assert len(grad_steps) == K and all(0 <= i < T for i in grad_steps)
+        assert {b - a for a, b in zip(grad_steps, grad_steps[1:])} <= {T // K}
+        assert T - m <= stop_step <= T - 1  # t_min in [1, m]
+        offsets[T - grad_steps[-1]] += 1  # s, the smallest paper timestep trained
+    if T % K == 0:  # the offset covers a whole stride, so every timestep is trained equally often
+        assert set(offsets) == set(range(1, T // K + 1))
+
+
+def test_drtune_gradient_routing_on_the_real_rollout(pipe):
+    """No gradient reaches a UNet input; exactly the selected steps before the stop give LoRA gradient."""
+    params = common.add_lora(pipe.unet, 4)
+    torch.nn.init.normal_(params[1], std=0.1)
+    random.seed(3)
+    T = 12
+    grad_steps, stop_step = drtune.drtune_steps(T, K=4, m=5)
+    calls = []
+
+    def hook(module, args, output):
+        record = {"input_grad": args[0].requires_grad, "grad": 0.0}
+        calls.append(record)
+        if output.sample.requires_grad:
+            output.sample.register_hook(lambda g: record.__setitem__("grad", g.abs().sum().item()))
+
+    handle = pipe.unet.register_forward_hook(hook)
+    cond, uncond = common.encode_prompts(pipe, ["a cat", "a dog"]), common.encode_prompts(pipe, ["", ""])
+    out = common.rollout(pipe, cond, uncond, common.initial_latents(pipe, 2, 32), num_steps=T, guidance_scale=5.0,
+                         eta=1.0, grad_steps=grad_steps, stop_grad_input=True, stop_step=stop_step, checkpoint=False)
+    (-drtune.rewards.symmetry(common.decode(pipe.vae, out.output), None).mean()).backward()
+    handle.remove()
+    assert len(calls) == stop_step + 1  # early stop: no UNet call after t_min
+    assert not any(c["input_grad"] for c in calls)
+    assert [i for i, c in enumerate(calls) if c["grad"] > 0] == [i for i in grad_steps if i <= stop_step]
+    assert sum(p.grad.abs().sum() for p in params if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--reward", "nope"], "symmetry"),  # lists the valid names
+    (["--reward", "jpeg_compressibility"], "not differentiable"),
+    (["--K", "0"], "--K"),
+    (["--K", "21"], "--K"),
+    (["--m", "20"], "--m"),
+    (["--resolution", "30"], "--resolution"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--model", "some-org/uncached-model"], "some-org/uncached-model"),
+])
+def test_bad_input_is_one_line_before_any_work(flags, needle, tmp_path, capsys):
+    args = drtune.Args(**{k.lstrip("-").replace("-", "_"): v for k, v in zip(flags[::2], flags[1::2])}
+                       | {"run_dir": str(tmp_path / "run")})
+    for field in ("K", "m", "resolution", "batch_size"):
+        setattr(args, field, int(getattr(args, field)))
+    with pytest.raises(SystemExit) as exit_info:
+        drtune.check_args(args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_command_line_creates_no_run_dir(tmp_path):
+    result = run_script("--K", "0", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "--K" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path, embedded_dir):
+    run_dir = tmp_path / "run"
+    result = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",
+                        "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert {"iter", "reward_mean", "reward_std", "loss", "wall_time_s", "samples_seen"} <= set(row)
+    assert [r["samples_seen"] for r in rows] == [2, 4, 6]
+    assert ["eval_reward_mean" in r for r in rows] == [True, False, True]  # start, every 2, end
+    assert (run_dir / "eval_00000.png").exists() and (run_dir / "eval_00003.png").exists()
+    assert "eval reward" in result.stdout and "->" in result.stdout
+    assert json.loads((run_dir / "args.json").read_text())["K"] == 3
+
+    base = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
+    tuned = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
+    tuned.load_lora_weights(str(run_dir))
+    x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a cat"])
+    with torch.no_grad():
+        assert not torch.allclose(base.unet(x, 500, cond).sample, tuned.unet(x, 500, cond).sample)
