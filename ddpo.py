@@ -1,0 +1,303 @@
+"""DDPO: Denoising Diffusion Policy Optimization (Black et al., ICLR 2024, "Training Diffusion Models with
+Reinforcement Learning", arXiv 2305.13301), appendix C.3.
+
+Denoising is a T-step MDP whose policy p_theta(x_{t-1} | x_t, c) is the Gaussian of a stochastic DDIM step
+(eta > 0), so the log-likelihood of every action is exact. Each iteration (a "round"):
+  1. sample trajectories with the current model, recording x_T..x_0 and log p of every step;
+  2. score x_0 with the reward (any reward: no gradient needed) and normalise it per prompt (F.3);
+  3. re-score the stored steps with gradient and update:
+     --estimator sf: score-function / REINFORCE, one update per round (eq. 3);
+     --estimator is: importance sampling with PPO clipping, several updates per round (eq. 4, F.1).
+
+Quick run on the embedded tiny model (CPU, a few minutes):
+    python ddpo.py --estimator is
+The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5; DDPO-IS: 4 updates
+of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
+    python ddpo.py --estimator is --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
+        --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 --updates-per-round 4 \
+        --clip-range 1e-4 --lr 1e-5 --lora-rank 4 --iters 200
+and DDPO-SF with the same flags but `--estimator sf --updates-per-round 1`.
+"""
+
+import random
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    estimator: str = "is"
+    """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
+    model: str = common.EMBEDDED_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    reward: str = "jpeg_compressibility"
+    """reward name from rewards.py (need not be differentiable)"""
+    prompts: str = "simple_animals"
+    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    num_steps: int = 10
+    """T: DDIM sampling steps, each one an MDP step (paper: 50)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance scale, used for sampling and, with --cfg-training, training (paper: 5.0)"""
+    eta: float = 1.0
+    """DDIM noise scale in (0, 1]; the policy is Gaussian only when eta > 0 (paper: 1.0, ancestral)"""
+    resolution: int = 0
+    """image size in pixels; 0 = the model's native size"""
+    batch_size: int = 8
+    """images per sampling batch, and per training micro-batch (equal, so re-scoring repeats sampling)"""
+    sample_batches: int = 4
+    """sampling batches per round: samples per round = batch_size x sample_batches (paper: 256)"""
+    updates_per_round: int = 0
+    """optimizer updates per inner epoch; must divide --sample-batches; 0 = 1 for sf, 2 for is (paper IS: 4)"""
+    inner_epochs: int = 1
+    """passes over each round's samples (is only; paper: 1)"""
+    iters: int = 20
+    """rounds: one sampling round and its updates each"""
+    lr: float = 3e-3
+    """AdamW learning rate (paper: 1e-5 on the full UNet)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (paper: 1e-4)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections"""
+    clip_range: float = 1e-4
+    """PPO clip range on the importance ratio (is only; paper F.1: 1e-4)"""
+    adv_clip_max: float = 5.0
+    """advantages are clipped to [-adv_clip_max, adv_clip_max] (ddpo-pytorch: 5)"""
+    timestep_fraction: float = 1.0
+    """fraction of the T steps of every trajectory trained per epoch, a random subset, in (0, 1]"""
+    cfg_training: bool = True
+    """train the guided epsilon with the sampling guidance scale (appendix G.1)"""
+    per_prompt_stats: bool = True
+    """normalise rewards per prompt with a running buffer (F.3); off = across the round's batch"""
+    stat_buffer: int = 16
+    """per-prompt buffer length (ddpo-pytorch: 16)"""
+    stat_min_count: int = 16
+    """below this many buffered rewards a prompt uses the round's batch statistics (ddpo-pytorch: 16)"""
+    ratio_tol: float = 1e-4
+    """stop if any importance ratio before the round's first update differs from 1 by more than this"""
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder; default runs/ddpo__<reward>__<seed>__<time>"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 5
+    """evaluate every N iterations (0 = only at the start and the end)"""
+    eval_size: int = 16
+    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+
+
+def check_args(args: Args):
+    prompts = common.check_common_args(args, differentiable=False)
+    if args.estimator not in ("sf", "is"):
+        common.fail(f"--estimator must be sf or is (got {args.estimator})")
+    if not 0 < args.eta <= 1:
+        common.fail(f"--eta must be in (0, 1]: at eta = 0 the DDIM step is deterministic and its log-prob "
+                    f"is undefined (got {args.eta})")
+    if args.clip_range <= 0:
+        common.fail(f"--clip-range must be positive (got {args.clip_range})")
+    if not 0 < args.timestep_fraction <= 1:
+        common.fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+    for name in ("sample_batches", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.estimator == "sf" and (args.updates_per_round not in (0, 1) or args.inner_epochs != 1):
+        common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; "
+                    "leave --updates-per-round and --inner-epochs at 0/1 or use --estimator is")
+    updates = args.updates_per_round or (1 if args.estimator == "sf" else 2)
+    if updates < 1 or args.sample_batches % updates:
+        common.fail(f"--updates-per-round {updates} must divide --sample-batches {args.sample_batches} "
+                    "(each update takes a whole number of micro-batches)")
+    for name in ("adv_clip_max", "grad_clip", "ratio_tol"):
+        if getattr(args, name) <= 0:
+            common.fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    return prompts, updates
+
+
+class PerPromptStatTracker:
+    """Reward -> advantage, normalised per prompt by a running buffer (F.3, ddpo-pytorch's tracker).
+
+    Each prompt keeps its last `buffer_size` rewards across rounds; until it has `min_count` of them it is
+    normalised with the statistics of the whole current batch instead. Population std (ddof 0) + 1e-6.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # unique, in order of first appearance
+            mask = np.array([p == prompt for p in prompts])
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            stats = np.array(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
+        return advantages
+
+
+def batch_advantages(rewards) -> np.ndarray:
+    """Global normalisation over the round's samples (--no-per-prompt-stats)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+
+
+def ppo_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """Per-sample clipped surrogate (eq. 4 with PPO's trust region, F.1): max(-A r, -A clip(r, 1 +- eps)).
+
+    r = p_theta / p_old = exp(log_prob - old_log_prob); its gradient is r * grad log p, eq. 4's estimator,
+    and zero wherever the clipped branch is the larger one.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def sf_loss(log_prob, advantages):
+    """Per-sample score-function surrogate (eq. 3): gradient -A grad log p (the advantage is a constant)."""
+    return -advantages * log_prob
+
+
+def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale: float, eta: float):
+    """log p_theta(x_{t-1} | x_t, c) of stored transitions, with gradient; one timestep per row (B,).
+
+    The UNet call, CFG batching and DDIM step are those of sampling (common.rollout), so with unchanged
+    weights and the same batch size this reproduces the recorded log-prob (ratio exactly 1).
+    """
+    guided = uncond is not None and guidance_scale != 1.0
+    # unet_output doubles the batch for CFG ([uncond, cond]); the per-row timesteps must be doubled too.
+    t_unet = torch.cat([timesteps, timesteps]) if guided else timesteps
+    out = common.unet_output(pipe.unet, latents, t_unet, cond, uncond if guided else None, guidance_scale)
+    _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, timesteps, latents, eta,
+                                                prev_sample=next_latents)
+    return log_prob
+
+
+def main():
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    prompts, updates = check_args(args)
+    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
+    common.seed_everything(args.seed)
+    pipe = common.load_pipeline(args.model, dtype, device)
+    resolution = args.resolution or common.native_resolution(pipe)
+    params = common.add_lora(pipe.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.REWARDS[args.reward][0]
+    eval_set = common.eval_prompts(prompts, args.eval_size)
+    run_name = f"ddpo_{args.estimator}"
+    log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
+    B, T = args.batch_size, args.num_steps
+    uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
+    train_uncond = uncond if args.cfg_training else None
+    tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
+
+    def evaluate(it):
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
+                                         guidance_scale=args.guidance_scale, resolution=resolution)
+        log.save_images(images, f"eval_{it:05d}.png")
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+
+    samples_seen = 0
+    for it in range(args.iters):
+        row = {"iter": it}
+        if it == 0 or (args.eval_every and it % args.eval_every == 0):
+            row |= evaluate(it)
+
+        # ALGO LOGIC: sampling round with the current policy, recording every transition (C.3's MDP)
+        latents, log_probs, timesteps, conds, batch_prompts, reward_list = [], [], [], [], [], []
+        for _ in range(args.sample_batches):
+            batch = random.choices(prompts, k=B)
+            cond = common.encode_prompts(pipe, batch)
+            x_T = common.initial_latents(pipe, B, resolution)
+            with torch.no_grad():
+                out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
+                                     eta=args.eta, record=True)
+                reward_list.append(reward_fn(common.decode(pipe.vae, out.output), batch).float())
+            latents.append(torch.stack(out.latents, dim=1))  # (B, T+1, C, h, w): x_T .. x_0
+            log_probs.append(torch.stack(out.log_probs, dim=1))  # (B, T)
+            timesteps.append(torch.stack([torch.as_tensor(t) for t in out.timesteps]).to(device).expand(B, T))
+            conds.append(cond)
+            batch_prompts += batch
+        latents, log_probs, timesteps, conds = (torch.cat(v) for v in (latents, log_probs, timesteps, conds))
+        reward_all = torch.cat(reward_list)
+        N = len(reward_all)
+
+        # F.3: the normalised reward is the advantage of every step of its trajectory (the reward comes only
+        # at t = 0 and there is no discount); clipped as ddpo-pytorch does.
+        advantages = (tracker.update(batch_prompts, reward_all.cpu()) if args.per_prompt_stats
+                      else batch_advantages(reward_all.cpu()))
+        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+        advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+
+        # ALGO LOGIC: updates. Gradients accumulate over samples x trained timesteps (F.1), one
+        # micro-batch and one timestep per backward so memory does not grow with T.
+        n_train_t = max(1, int(T * args.timestep_fraction))
+        micro_per_update = args.sample_batches // updates
+        stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
+        grad_norms, first_update_done = [], False
+        for _ in range(args.inner_epochs):
+            perm = torch.randperm(N, device=device)
+            # Per-sample time shuffling (ddpo-pytorch): each row visits its steps in its own random order,
+            # so one micro-batch mixes timesteps; with fraction < 1 the first n_train_t form the subset.
+            time_perm = torch.stack([torch.randperm(T, device=device) for _ in range(N)])
+            for m in range(args.sample_batches):
+                idx = perm[m * B:(m + 1) * B]
+                for j in range(n_train_t):
+                    k = time_perm[idx, j]
+                    log_prob = rescore(pipe, latents[idx, k], latents[idx, k + 1], timesteps[idx, k], conds[idx],
+                                       train_uncond, args.guidance_scale, args.eta)
+                    if args.estimator == "is":
+                        loss, ratio = ppo_loss(log_prob, log_probs[idx, k], advantages[idx], args.clip_range)
+                    else:
+                        loss = sf_loss(log_prob, advantages[idx])
+                        ratio = torch.exp(log_prob - log_probs[idx, k])
+                    (loss.mean() / (micro_per_update * n_train_t)).backward()
+                    ratio = ratio.detach()
+                    # Before the round's first update the policy is the sampling policy: the ratio must be 1.
+                    # If not, re-scoring differs from sampling (precision, batching) and eq. 4 is wrong.
+                    if not first_update_done and (ratio - 1).abs().max() > args.ratio_tol:
+                        sys.exit(f"error: importance ratio {ratio.tolist()} before the first update differs "
+                                 f"from 1 by more than --ratio-tol {args.ratio_tol}: re-scoring does not reproduce "
+                                 "sampling (try --dtype fp32)")
+                    delta = log_prob.detach() - log_probs[idx, k]
+                    stats["loss"].append(loss.mean().item())
+                    stats["approx_kl"].append(0.5 * (delta**2).mean().item())  # as ddpo-pytorch logs it
+                    stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().item())
+                    stats["ratio"].append(ratio.mean().item())
+                if (m + 1) % micro_per_update == 0:
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    first_update_done = True
+        samples_seen += N
+
+        # TRY NOT TO MODIFY: logging
+        row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
+                "loss": float(np.mean(stats["loss"])), "approx_kl": float(np.mean(stats["approx_kl"])),
+                "clipfrac": float(np.mean(stats["clipfrac"])), "ratio_mean": float(np.mean(stats["ratio"])),
+                "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen}
+        if it == args.iters - 1:
+            row |= evaluate(it + 1)  # the final model, after the last update
+        log.log(row)
+    common.save_lora(pipe.unet, log.dir)
+    log.close(run_name)
+
+
+if __name__ == "__main__":
+    main()
