@@ -1,0 +1,253 @@
+"""RWR: reward-weighted regression for diffusion models, the baseline of Black et al. (ICLR 2024, "Training
+Diffusion Models with Reinforcement Learning", arXiv 2305.13301), appendix C.2, F.2, F.3.
+
+Each iteration (a "round"):
+  1. sample images from the current model (ancestral DDIM, CFG) and score them with the reward;
+  2. weight every sample, per prompt (F.3):
+     --weighting softmax: w = n_p * softmax(beta * r) over the n_p samples of the prompt (w_RWR, mean 1);
+     --weighting sparse:  w = 1 for the top samples of the prompt, the bottom --percentile % dropped (w_sparse);
+  3. train the standard denoising loss (eq. 1, epsilon or v target) on the latents of the model's own
+     samples at random t, each sample's term multiplied by its weight, with the guided prediction (G.1).
+The rewards need no gradient. RWR ignores the denoising chain and sees only x_0: a one-step MDP (C.2).
+
+Quick run on the embedded tiny model (CPU, a few minutes):
+    python rwr.py --weighting softmax
+The paper's settings (F.6: SD 1.4, T = 50, w = 5, 10k samples and 400 updates of 128 per round,
+lr 1e-5, beta 0.2 on the raw reward as in the JAX code; sparse: percentile 90; the paper tunes the whole
+UNet, here LoRA) on a GPU:
+    python rwr.py --weighting softmax --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
+        --num-steps 50 --guidance-scale 5.0 --batch-size 16 --sample-batches 625 --samples-per-prompt 1 \
+        --grad-accum 8 --updates-per-round 400 --lr 1e-5 --beta 0.2 --no-normalize --lora-rank 4 --iters 6
+and RWR-sparse with the same flags but `--weighting sparse --percentile 90`.
+"""
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    weighting: str = "softmax"
+    """softmax: w = n * softmax(beta r) per prompt (w_RWR); sparse: keep the top of each prompt (w_sparse)"""
+    model: str = common.EMBEDDED_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    reward: str = "jpeg_compressibility"
+    """reward name from rewards.py (need not be differentiable)"""
+    prompts: str = "simple_animals"
+    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    num_steps: int = 10
+    """T: DDIM sampling steps (paper: 50)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance scale, used for sampling and, with --cfg-training, training (paper: 5.0)"""
+    eta: float = 1.0
+    """DDIM noise scale for sampling (paper: 1.0, ancestral)"""
+    resolution: int = 0
+    """image size in pixels; 0 = the model's native size"""
+    batch_size: int = 8
+    """images per sampling batch and per training micro-batch"""
+    sample_batches: int = 4
+    """sampling batches per round: samples per round = batch_size x sample_batches (paper: 10k)"""
+    samples_per_prompt: int = 8
+    """each round draws (samples per round) / this many prompts, each sampled this many times; 1 = iid prompts"""
+    grad_accum: int = 1
+    """micro-batches per optimizer update (paper: 128 samples per update)"""
+    updates_per_round: int = 8
+    """optimizer updates per round, cycling over the round's kept samples (paper: 400)"""
+    iters: int = 12
+    """rounds: one sampling round and its updates each (paper: 6 rounds)"""
+    lr: float = 1e-3
+    """AdamW learning rate (paper: 1e-5 on the full UNet)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (paper: 1e-4)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    lora_rank: int = 4
+    """LoRA rank on the UNet attention projections"""
+    beta: float = 1.0
+    """inverse temperature of the softmax weights (paper: 0.2 on the raw reward)"""
+    normalize: bool = True
+    """standardise rewards per prompt before the softmax (F.3), so beta does not depend on the reward's scale"""
+    percentile: float = 90.0
+    """sparse: drop this bottom percentage of each prompt's samples, keep the rest (paper: 90)"""
+    cfg_training: bool = True
+    """train the guided prediction with the sampling guidance scale (appendix G.1)"""
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder; default runs/rwr_<weighting>__<reward>__<seed>__<time>"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 4
+    """evaluate every N iterations (0 = only at the start and the end)"""
+    eval_size: int = 16
+    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+
+
+def check_args(args: Args):
+    prompts = common.check_common_args(args, differentiable=False)
+    if args.weighting not in ("softmax", "sparse"):
+        common.fail(f"--weighting must be softmax or sparse (got {args.weighting})")
+    if not 0 <= args.eta <= 1:
+        common.fail(f"--eta must be in [0, 1] (got {args.eta})")
+    if not 0 < args.percentile < 100:
+        common.fail(f"--percentile must be in (0, 100) (got {args.percentile})")
+    for name in ("sample_batches", "samples_per_prompt", "grad_accum", "updates_per_round", "eval_size"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
+        common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
+                    f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
+    if args.beta <= 0 or args.grad_clip <= 0:
+        common.fail("--beta and --grad-clip must be positive")
+    return prompts
+
+
+def prompt_groups(prompts: list[str]) -> list[np.ndarray]:
+    """Indices of the samples of each distinct prompt (the 'context' of F.3)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    return [np.array(g) for g in groups.values()]
+
+
+def softmax_weights(rewards, prompts: list[str], beta: float, normalize: bool = True) -> np.ndarray:
+    """w_RWR (C.2) per prompt (F.3): n_p * softmax(beta * r) over the prompt's n_p samples, so each prompt's
+    weights average 1 (Z = mean of exp(beta r)). With normalize, r is first standardised within the prompt."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    weights = np.empty_like(rewards)
+    for g in prompt_groups(prompts):
+        r = rewards[g]
+        if normalize and len(g) > 1:
+            r = (r - r.mean()) / (r.std() + 1e-8)
+        z = np.exp(beta * (r - r.max()))  # shifting by the max changes nothing after normalising; no overflow
+        weights[g] = len(g) * z / z.sum()
+    return weights
+
+
+def sparse_weights(rewards, prompts: list[str], percentile: float) -> np.ndarray:
+    """w_sparse (C.2) with a per-prompt percentile threshold (F.2, F.3): of a prompt's n samples the bottom
+    floor(n * percentile / 100) are dropped and the rest (at least one) kept; ties broken by order."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    weights = np.zeros_like(rewards)
+    for g in prompt_groups(prompts):
+        keep = max(1, len(g) - int(np.floor(len(g) * percentile / 100)))
+        best = g[np.argsort(-rewards[g], kind="stable")[:keep]]
+        weights[best] = 1.0
+    return weights
+
+
+def weighted_denoising_loss(prediction, target, weights):
+    """Eq. 1 with per-sample weights: mean_i w_i * ||target - prediction||^2 (mean over dims, as the
+    diffusers training loss does); the weights are constants, no gradient through the reward."""
+    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    return (weights * per_sample).mean()
+
+
+def main():
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    prompts = check_args(args)
+    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
+    common.seed_everything(args.seed)
+    pipe = common.load_pipeline(args.model, dtype, device)
+    resolution = args.resolution or common.native_resolution(pipe)
+    params = common.add_lora(pipe.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.REWARDS[args.reward][0]
+    eval_set = common.eval_prompts(prompts, args.eval_size)
+    run_name = f"rwr_{args.weighting}"
+    log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
+    B, T, scheduler = args.batch_size, args.num_steps, pipe.scheduler
+    uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
+    N = B * args.sample_batches
+
+    def evaluate(it):
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
+                                         guidance_scale=args.guidance_scale, resolution=resolution)
+        log.save_images(images, f"eval_{it:05d}.png")
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+
+    samples_seen = 0
+    for it in range(args.iters):
+        row = {"iter": it}
+        if it == 0 or (args.eval_every and it % args.eval_every == 0):
+            row |= evaluate(it)
+
+        # ALGO LOGIC: a round of data from the current model. Prompts come in groups so that every prompt has
+        # several samples to be weighted against (F.3's per-prompt normalisation needs more than one).
+        round_prompts = [p for p in random.choices(prompts, k=N // args.samples_per_prompt)
+                         for _ in range(args.samples_per_prompt)]
+        x0, conds, reward_list = [], [], []
+        for b in range(args.sample_batches):
+            batch = round_prompts[b * B:(b + 1) * B]
+            cond = common.encode_prompts(pipe, batch)
+            x_T = common.initial_latents(pipe, B, resolution)
+            with torch.no_grad():
+                out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
+                                     eta=args.eta).output
+                reward_list.append(reward_fn(common.decode(pipe.vae, out), batch).float())
+            # The sample's own latent stands in for VAE-encoding its decoded image (the JAX code stored images
+            # and re-encoded them): the same data without the VAE's reconstruction error.
+            x0.append(out)
+            conds.append(cond)
+        x0, conds, reward_all = torch.cat(x0), torch.cat(conds), torch.cat(reward_list)
+
+        if args.weighting == "softmax":
+            weights = softmax_weights(reward_all.cpu(), round_prompts, args.beta, args.normalize)
+        else:
+            weights = sparse_weights(reward_all.cpu(), round_prompts, args.percentile)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        kept = torch.nonzero(weights > 0).squeeze(1)  # sparse: the discarded samples are never trained on
+
+        # ALGO LOGIC: weighted denoising updates, cycling through the kept samples in shuffled order
+        order, losses, grad_norms = torch.empty(0, dtype=torch.long, device=device), [], []
+        for _ in range(args.updates_per_round):
+            for _ in range(args.grad_accum):
+                while len(order) < B:
+                    order = torch.cat([order, kept[torch.randperm(len(kept), device=device)]])
+                idx, order = order[:B], order[B:]
+                # Eq. 1: noise the sample to a uniformly random training timestep and regress the noise
+                # (or v, for a v-prediction model) from the guided output (G.1).
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), device=device)
+                noise = torch.randn_like(x0[idx])
+                x_t = scheduler.add_noise(x0[idx], noise, t)
+                target = (scheduler.get_velocity(x0[idx], noise, t)
+                          if scheduler.config.prediction_type == "v_prediction" else noise)
+                if args.cfg_training and args.guidance_scale != 1.0:
+                    # unet_output doubles the batch ([uncond, cond]); the per-row timesteps must double too.
+                    pred = common.unet_output(pipe.unet, x_t, torch.cat([t, t]), conds[idx], uncond,
+                                              args.guidance_scale)
+                else:
+                    pred = common.unet_output(pipe.unet, x_t, t, conds[idx])
+                loss = weighted_denoising_loss(pred, target, weights[idx])
+                (loss / args.grad_accum).backward()
+                losses.append(loss.item())
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        samples_seen += N
+
+        # TRY NOT TO MODIFY: logging
+        row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
+                "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+                "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
+        if it == args.iters - 1:
+            row |= evaluate(it + 1)  # the final model, after the last update
+        log.log(row)
+    common.save_lora(pipe.unet, log.dir)
+    log.close(run_name)
+
+
+if __name__ == "__main__":
+    main()
