@@ -1,0 +1,413 @@
+"""D3PO: Direct Preference for Denoising Diffusion Policy Optimization (Yang et al., CVPR 2024, "Using Human
+Feedback to Fine-tune Diffusion Models without Any Reward Model", arXiv 2311.13231), Algorithm 1.
+
+DPO without a reward model, applied to every step of the denoising chain:
+  1. for each prompt, sample n trajectories from the same x_T with stochastic DDIM (eta > 0), so the
+     members of a group differ only through the sampling noise (Alg. 1 lines 5-8);
+  2. rank the final images: by a reward of rewards.py (--feedback reward) or by people (--feedback human);
+  3. for every timestep and every pair (winner w, loser l), minimise eq. 14:
+         -log sigmoid(beta * (log pi_theta/pi_ref (a_w | s_w) - log pi_theta/pi_ref (a_l | s_l))).
+
+Quick run on the embedded tiny model (CPU, minutes):
+    python d3po.py --reward jpeg_compressibility
+Learning from people (see the README): sample, label in the browser, train on the labels:
+    python d3po.py --feedback human --phase sample --run-dir runs/round1
+    (open runs/round1/label.html, choose, export d3po-labels-*.json; several annotators are averaged)
+    python d3po.py --feedback human --phase train --samples runs/round1 --labels alice.json bob.json
+The paper's settings on Stable Diffusion 1.5 (a GPU):
+    python d3po.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward jpeg_compressibility \
+        --num-steps 20 --guidance-scale 5.0 --lr 3e-5 --lora-rank 4 --batch-size 10 --iters 400 --resolution 512
+"""
+
+import base64
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tyro
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import common
+import rewards
+
+LABEL_PAGE_TEMPLATE = Path(__file__).parent / "d3po_label" / "page.html"
+SAMPLES_FORMAT, LABELS_FORMAT = "d3po-samples/1", "d3po-labels/1"
+# Flags that define the sampled transitions; training on stored trajectories must replay them identically.
+SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "per_prompt")
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    reward: str = "jpeg_compressibility"
+    """reward name from rewards.py: the preference oracle for --feedback reward, the eval score for both modes"""
+    prompts: str = "simple_animals"
+    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    feedback: str = "reward"
+    """where preferences come from: reward (compare --reward, higher wins) or human (label files)"""
+    phase: str = ""
+    """--feedback human only: sample (write images, trajectories, label.html) or train (from --labels)"""
+    samples: str = ""
+    """--phase train: the run dir written by --phase sample"""
+    labels: tuple[str, ...] = ()
+    """--phase train: label files exported by label.html, one per annotator; their scores are averaged"""
+    num_prompts: int = 16
+    """--phase sample: how many prompts to sample for labelling"""
+    per_prompt: int = 2
+    """n: trajectories per prompt from one x_T; every one of the n(n-1)/2 pairs is trained (official human runs: 7)"""
+    num_steps: int = 20
+    """T: DDIM sampling steps (paper: 20)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance scale (paper: 5.0)"""
+    eta: float = 1.0
+    """DDIM noise scale, > 0 (paper: 1.0); eta = 0 is deterministic and has no log-probability"""
+    resolution: int = 0
+    """image size in pixels; 0 = the model's native size"""
+    batch_size: int = 4
+    """prompts per update (each gives --per-prompt images)"""
+    iters: int = 12
+    """optimizer updates"""
+    lr: float = 1e-2
+    """AdamW learning rate (paper: 3e-5 at LoRA rank 4 on SD 1.5; the tiny model needs far more)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (paper Table 2: 1e-4)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    beta: float = 0.1
+    """beta: DPO temperature of eq. 14 (paper: 0.1)"""
+    clamp_eps: float = 0.1
+    """official code, not in the paper: clamp pi_theta/pi_ref to [1-eps, 1+eps] (0 = no clamp)"""
+    lora_rank: int = 8
+    """LoRA rank on the UNet attention projections (official code: 4)"""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 = equal to the rank"""
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder; default runs/d3po__<reward or human>__<seed>__<time>"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 6
+    """evaluate every N iterations (0 = only at the start and the end)"""
+    eval_size: int = 16
+    """number of fixed evaluation prompts (fixed noise, deterministic DDIM); scored with --reward"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the flags and the human label files (all before any work)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path, what: str):
+    if not path.is_file():
+        common.fail(f"{what} {path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        common.fail(f"{what} {path}: cannot be read as JSON ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def load_samples(args: Args) -> dict:
+    """samples.json of a --phase sample run dir, checked against the flags that define its transitions."""
+    if not args.samples:
+        common.fail("--phase train needs --samples DIR: the run dir written by --phase sample")
+    meta_path = Path(args.samples) / "samples.json"
+    if not meta_path.is_file():
+        common.fail(f"--samples {args.samples}: no samples.json there; run --feedback human --phase sample first")
+    meta = read_json(meta_path, "--samples")
+    if not isinstance(meta, dict) or meta.get("format") != SAMPLES_FORMAT:
+        common.fail(f"--samples {args.samples}: samples.json is not a {SAMPLES_FORMAT} file")
+    for name in SAMPLING_FLAGS:
+        if meta.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            common.fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
+                        f"training replays their transitions, so pass {flag} {meta.get(name)}")
+    if not (Path(args.samples) / "trajectories.safetensors").is_file():
+        common.fail(f"--samples {args.samples}: trajectories.safetensors is missing")
+    return meta
+
+
+def load_labels(files, meta: dict) -> torch.Tensor:
+    """Label files -> (prompts, n) scores averaged over the annotators who labelled each prompt; NaN = unlabelled.
+
+    A file holds one entry per sampled prompt, in order: n scores (the page writes 1 for the chosen image and
+    0 for the others; all 0 for a tie or "all bad") or null when skipped. As in the official code, several
+    annotators' scores are averaged, and a pair is trained only if its two averaged scores differ.
+    """
+    k, n = len(meta["prompts"]), meta["per_prompt"]
+    total, count = torch.zeros(k, n, dtype=torch.float64), torch.zeros(k, 1, dtype=torch.float64)
+    for file in files:
+        data = read_json(Path(file), "--labels")
+        if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT or not isinstance(data.get("labels"), list):
+            common.fail(f"--labels {file}: not a {LABELS_FORMAT} file exported by label.html")
+        if data.get("samples_id") != meta["samples_id"] or len(data["labels"]) != k:
+            common.fail(f"--labels {file}: made for other samples (id {data.get('samples_id')}, "
+                        f"{len(data['labels'])} prompts), not samples {meta['samples_id']} ({k} prompts)")
+        for i, entry in enumerate(data["labels"]):
+            if not isinstance(entry, dict) or entry.get("prompt") != meta["prompts"][i]:
+                common.fail(f"--labels {file}: entry {i} is not for prompt {meta['prompts'][i]!r}")
+            scores = entry.get("scores")
+            if scores is None:
+                continue
+            if (not isinstance(scores, list) or len(scores) != n or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
+                common.fail(f"--labels {file}: entry {i} needs {n} finite scores or null (got {scores!r})")
+            total[i] += torch.tensor(scores, dtype=torch.float64)
+            count[i] += 1
+    scores = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    if not (preferences(scores) != 0).any():
+        common.fail(f"--labels {' '.join(files)}: no prompt has a preferred image (all skipped or ties); nothing to train")
+    return scores.float()
+
+
+def check_args(args: Args):
+    prompts = common.check_common_args(args, differentiable=False)
+    if args.feedback not in ("reward", "human"):
+        common.fail(f"--feedback must be reward or human (got {args.feedback!r})")
+    if args.feedback == "reward" and (args.phase or args.labels or args.samples):
+        common.fail("--phase, --samples and --labels belong to --feedback human")
+    if args.feedback == "human" and args.phase not in ("sample", "train"):
+        common.fail(f"--feedback human needs --phase sample or --phase train (got {args.phase!r})")
+    if args.per_prompt < 2:
+        common.fail(f"--per-prompt must be at least 2: a preference needs a pair (got {args.per_prompt})")
+    if args.eta <= 0:
+        common.fail(f"--eta must be > 0: deterministic DDIM (eta = 0) has no pi_theta(x_t-1 | x_t) (got {args.eta})")
+    if args.beta <= 0 or not 0 <= args.clamp_eps < 1:
+        common.fail(f"--beta must be > 0 and --clamp-eps in [0, 1) (got {args.beta}, {args.clamp_eps})")
+    if args.grad_clip <= 0 or args.eval_size < 1 or args.num_prompts < 1:
+        common.fail("--grad-clip must be positive, --eval-size and --num-prompts at least 1")
+    if args.phase == "sample":
+        if args.labels or args.samples:
+            common.fail("--phase sample writes new samples; --labels and --samples belong to --phase train")
+        if args.run_dir and (Path(args.run_dir) / "samples.json").exists():
+            common.fail(f"--run-dir {args.run_dir} already holds samples (samples.json); choose another directory")
+        return prompts, None
+    if args.phase == "train":
+        if not args.labels:
+            common.fail("--phase train needs --labels FILE [FILE ...] exported from label.html")
+        meta = load_samples(args)
+        return prompts, (meta, load_labels(args.labels, meta))
+    return prompts, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_groups(pipe, cond, uncond, n: int, resolution: int, args: Args):
+    """n stochastic-DDIM trajectories per prompt from one shared x_T (Alg. 1 lines 5-8).
+
+    Returns latents (B, n, T+1, C, h, w) holding x_T .. x_0, and the T scheduler timesteps.
+    """
+    x_T = common.initial_latents(pipe, len(cond), resolution).repeat_interleave(n, dim=0)
+    out = common.rollout(pipe, cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0), x_T,
+                         num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta, record=True)
+    latents = torch.stack(out.latents, dim=1)
+    return latents.view(len(cond), n, *latents.shape[1:]), torch.stack(out.timesteps)
+
+
+def preferences(scores: torch.Tensor):
+    """(B, n) scores -> (B, P) signs over all pairs (i < j): +1 if i wins, -1 if j wins, 0 for a tie (or NaN)."""
+    i, j = torch.combinations(torch.arange(scores.shape[1]), r=2).unbind(1)
+    return torch.nan_to_num(torch.sign(scores[:, i] - scores[:, j]), nan=0.0)
+
+
+def d3po_loss(log_ratio, prefs, beta: float, clamp_eps: float):
+    """Eq. 14 for every pair at one timestep. log_ratio (B, n): log pi_theta/pi_ref of each member's transition;
+    prefs (B, P) from `preferences`. Returns (B, P) losses; a tie (pref 0) is the constant log 2, no gradient.
+    """
+    if clamp_eps > 0:
+        # Official code (not in the paper): ratio clamped to [1-eps, 1+eps], i.e. the log-ratio to its logs;
+        # outside the band the pair stops pushing, a trust region against drifting far from pi_ref.
+        log_ratio = log_ratio.clamp(math.log(1 - clamp_eps), math.log(1 + clamp_eps))
+    i, j = torch.combinations(torch.arange(log_ratio.shape[1]), r=2).unbind(1)
+    # Eq. 14: -log sigma(beta (log pi/pi_ref(a_w|s_w) - log pi/pi_ref(a_l|s_l))); the sign orients each pair
+    # winner-minus-loser, as h_k = [1, -1] / [-1, 1] / [0, 0] does in Alg. 1 line 33.
+    return -F.logsigmoid(beta * prefs * (log_ratio[:, i] - log_ratio[:, j]))
+
+
+def step_log_ratio(pipe, x_t, x_prev, t, cond, uncond, args: Args):
+    """log pi_theta(x_prev | x_t) - log pi_ref(x_prev | x_t) of stored transitions (Alg. 1 lines 28-31)."""
+    out = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
+    _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, t, x_t, args.eta, prev_sample=x_prev)
+    with torch.no_grad():
+        # pi_ref is the pretrained UNet: the same weights with LoRA switched off. The official code keeps a
+        # full frozen deepcopy of the UNet instead; disabling the adapters gives the same outputs for no memory.
+        pipe.unet.disable_adapters()
+        try:
+            out_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
+        finally:
+            pipe.unet.enable_adapters()
+        _, log_prob_ref = common.ddim_step_with_logprob(pipe.scheduler, out_ref, t, x_t, args.eta, prev_sample=x_prev)
+    return log_prob - log_prob_ref
+
+
+def accumulate_gradients(pipe, latents, timesteps, cond, uncond, prefs, args: Args):
+    """Backward eq. 14 over every timestep (the sub-segments of eq. 13) and every pair; returns logging stats.
+
+    One backward per timestep keeps only one UNet graph alive; the loss is averaged over timesteps and
+    pairs, ties included, as the official code does (one update per batch, accumulated over the T steps).
+    """
+    b, n, steps = latents.shape[0], latents.shape[1], len(timesteps)
+    flat = latents.flatten(0, 1)
+    cond, uncond = cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
+    loss_total, clipped, abs_log_ratio = 0.0, 0.0, 0.0
+    for step in range(steps):
+        log_ratio = step_log_ratio(pipe, flat[:, step], flat[:, step + 1], timesteps[step], cond, uncond, args)
+        loss = d3po_loss(log_ratio.view(b, n), prefs, args.beta, args.clamp_eps).mean() / steps
+        loss.backward()
+        loss_total += loss.item()
+        ratio = log_ratio.detach().exp()
+        clipped += ((ratio - 1).abs() > args.clamp_eps).float().mean().item() / steps if args.clamp_eps else 0.0
+        abs_log_ratio += log_ratio.detach().abs().mean().item() / steps
+    return {"loss": loss_total, "clip_frac": clipped, "abs_log_ratio": abs_log_ratio}
+
+
+# ---------------------------------------------------------------------------------------------
+# Human feedback: writing the samples and the labelling page
+# ---------------------------------------------------------------------------------------------
+
+
+def to_png(image) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_samples(pipe, prompts, resolution: int, args: Args):
+    """--phase sample: images, trajectories and label.html; samples.json last, so a crash leaves no usable half."""
+    run_dir = Path(args.run_dir or common.default_run_dir(__file__, "human", args.seed))
+    chosen = [p for _ in range(-(-args.num_prompts // len(prompts))) for p in random.sample(prompts, len(prompts))]
+    chosen = chosen[:args.num_prompts]
+    uncond_one = common.encode_prompts(pipe, [""])
+    latents, pngs = [], []
+    for start in range(0, len(chosen), args.batch_size):
+        batch = chosen[start:start + args.batch_size]
+        group, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
+                                         uncond_one.expand(len(batch), -1, -1), args.per_prompt, resolution, args)
+        with torch.no_grad():
+            images = common.decode(pipe.vae, group[:, :, -1].flatten(0, 1))
+        latents.append(group)
+        pngs += [to_png(image) for image in images]
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"images/{k:04d}_{i}.png" for k in range(len(chosen)) for i in range(args.per_prompt)]
+    for name, png in zip(names, pngs):
+        write_atomic(run_dir / name, png)
+    trajectories = {"latents": torch.cat(latents).contiguous(), "timesteps": timesteps.cpu().long()}
+    save_file({k: v.cpu() for k, v in trajectories.items()}, run_dir / "trajectories.safetensors.tmp")
+    samples_id = hashlib.sha256((run_dir / "trajectories.safetensors.tmp").read_bytes()).hexdigest()[:16]
+    os.replace(run_dir / "trajectories.safetensors.tmp", run_dir / "trajectories.safetensors")
+    n = args.per_prompt
+    page_data = {"format": LABELS_FORMAT, "samples_id": samples_id, "per_prompt": n,
+                 "items": [{"prompt": p, "images": ["data:image/png;base64," + base64.b64encode(png).decode()
+                                                    for png in pngs[k * n:(k + 1) * n]]} for k, p in enumerate(chosen)]}
+    # Images inlined as data URIs: one file that works opened from disk; "</" escaped to stay inside <script>.
+    page = LABEL_PAGE_TEMPLATE.read_text().replace("/*D3PO_DATA*/null", json.dumps(page_data).replace("</", "<\\/"))
+    write_atomic(run_dir / "label.html", page.encode())
+    meta = {"format": SAMPLES_FORMAT, "samples_id": samples_id, "prompts": chosen,
+            "images": [names[k * n:(k + 1) * n] for k in range(len(chosen))], "seed": args.seed}
+    meta |= {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    write_atomic(run_dir / "samples.json", json.dumps(meta, indent=2).encode())
+    print(f"d3po: {len(chosen)} prompts x {n} images in {run_dir}; label them in {run_dir / 'label.html'}, then\n"
+          f"  python d3po.py --feedback human --phase train --samples {run_dir} --labels <exported files>")
+
+
+def main():
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    prompts, human = check_args(args)
+    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
+    common.seed_everything(args.seed)
+    pipe = common.load_pipeline(args.model, dtype, device)
+    resolution = args.resolution or common.native_resolution(pipe)
+    if args.phase == "sample":
+        return write_samples(pipe, prompts, resolution, args)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.REWARDS[args.reward][0]
+    eval_set = common.eval_prompts(prompts, args.eval_size)
+    name = args.reward if args.feedback == "reward" else "human"
+    log = common.RunLog(args.run_dir or common.default_run_dir(__file__, name, args.seed), args, args.iters)
+    uncond_one = common.encode_prompts(pipe, [""])
+    T, n = args.num_steps, args.per_prompt
+
+    def evaluate(it):
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
+                                         guidance_scale=args.guidance_scale, resolution=resolution)
+        log.save_images(images, f"eval_{it:05d}.png")
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+
+    if human:  # the labelled prompts with at least one preferred pair, visited in shuffled passes
+        meta, label_scores = human
+        stored = load_file(Path(args.samples) / "trajectories.safetensors")
+        usable = [k for k in range(len(meta["prompts"])) if (preferences(label_scores[k:k + 1]) != 0).any()]
+        queue = []
+
+    samples_seen = 0
+    for it in range(args.iters):
+        row = {"iter": it}
+        if it == 0 or (args.eval_every and it % args.eval_every == 0):
+            row |= evaluate(it)
+
+        # ALGO LOGIC: D3PO Algorithm 1
+        if human:  # lines 12-22 happened offline: the stored trajectories with the averaged label scores
+            while len(queue) < min(args.batch_size, len(usable)):
+                queue += random.sample(usable, len(usable))
+            index, queue = queue[:min(args.batch_size, len(usable))], queue[min(args.batch_size, len(usable)):]
+            batch = [meta["prompts"][k] for k in index]
+            latents = stored["latents"][index].to(device)
+            timesteps = stored["timesteps"].to(device)
+            scores = label_scores[index].to(device)
+            pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
+        else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
+            batch = random.choices(prompts, k=args.batch_size)
+            latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
+                                               uncond_one.expand(len(batch), -1, -1), n, resolution, args)
+            with torch.no_grad():
+                images = common.decode(pipe.vae, latents[:, :, -1].flatten(0, 1))
+                scores = reward_fn(images, [p for p in batch for _ in range(n)]).float().view(len(batch), n)
+        prefs = preferences(scores)  # lines 15-21: h = [1, -1], [-1, 1] or [0, 0] for every pair
+        cond = common.encode_prompts(pipe, batch)
+        stats = accumulate_gradients(pipe, latents, timesteps, cond, uncond_one.expand(len(batch), -1, -1),
+                                     prefs, args)  # lines 24-33, all T timesteps
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += len(batch) * n
+
+        # TRY NOT TO MODIFY: logging
+        finite = scores[scores.isfinite()]
+        row |= {"reward_mean": finite.mean().item(), "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
+                **stats, "tie_frac": (prefs == 0).float().mean().item(), "grad_norm": grad_norm.item(),
+                "samples_seen": samples_seen}
+        if it == args.iters - 1:
+            row |= evaluate(it + 1)  # the final model, after the last update
+        log.log(row)
+    common.save_lora(pipe.unet, log.dir)
+    log.close("d3po")
+
+
+if __name__ == "__main__":
+    main()
