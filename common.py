@@ -158,13 +158,19 @@ def add_lora(unet, rank: int, alpha: float | None = None):
     return params
 
 
-def save_lora(unet, run_dir):
-    """Write `pytorch_lora_weights.safetensors` so `pipe.load_lora_weights(run_dir)` loads it."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def save_lora(unet, run_dir, optimizer=None, state: dict | None = None):
+    """Write `pytorch_lora_weights.safetensors` so `pipe.load_lora_weights(run_dir)` loads it; with an
+    optimizer and a state dict (iteration, samples seen), also what a resume needs."""
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # write aside, then swap in: never half-written
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
-        name = "pytorch_lora_weights.safetensors"
-        os.replace(Path(tmp) / name, Path(run_dir) / name)
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+        names = ["pytorch_lora_weights.safetensors"]
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+            (Path(tmp) / "state.json").write_text(json.dumps(state or {}))
+            names += ["optimizer.pt", "state.json"]
+        for name in names:
+            os.replace(Path(tmp) / name, Path(run_dir) / name)
 
 
 @torch.no_grad()

@@ -109,6 +109,16 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path, e
     assert (run_dir / "eval_00000.png").exists() and (run_dir / "eval_00003.png").exists()
     assert "eval reward" in result.stdout and "->" in result.stdout
     assert json.loads((run_dir / "args.json").read_text())["K"] == 3
+    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 3, "samples_seen": 6}
+    assert (run_dir / "optimizer.pt").exists()
+
+    # same seed -> identical run on the CPU
+    again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",
+                       "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    rows_again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]  # noqa: E731
+    assert strip(rows_again) == strip(rows)
 
     base = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
     tuned = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
