@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
+import d3po
 
-import common  # noqa: E402
-import d3po  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # tests/conftest.py puts it on sys.path and loads `pipe`
 
-TINY = ["--num-steps", "2", "--eval-size", "1", "--threads", "2"]
+TINY = ["--num-steps", "2", "--eval-size", "2", "--threads", "2"]
 
 
 def run_main(monkeypatch, *argv):
@@ -80,12 +79,6 @@ def test_swapping_winner_and_loser_flips_the_gradient():
 # --- the model: shared x_T, reference policy --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(2)
-    return common.load_pipeline(common.EMBEDDED_MODEL)
-
-
 def test_pairs_share_x_T_and_diverge(pipe):
     args = d3po.Args(num_steps=3)
     torch.manual_seed(0)
@@ -101,7 +94,6 @@ def test_pairs_share_x_T_and_diverge(pipe):
 
 def test_reference_is_the_pretrained_unet_and_adapters_come_back(pipe):
     args = d3po.Args(num_steps=3)
-    pipe = copy.deepcopy(pipe)
     pretrained = copy.deepcopy(pipe.unet)  # what the official code keeps as pi_ref
     common.add_lora(pipe.unet, 4)
     torch.manual_seed(1)
