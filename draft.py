@@ -1,0 +1,234 @@
+"""DRaFT: Direct Reward Fine-Tuning (Clark, Vicol, Swersky, Fleet, ICLR 2024, "Directly Fine-Tuning Diffusion
+Models on Differentiable Rewards", arXiv 2309.17400), with its variants DRaFT-K and DRaFT-LV.
+
+Backpropagate a differentiable reward of the final sample through the DDIM sampling chain into LoRA weights:
+  DRaFT     (--K -1): through all T steps, each UNet call checkpointed so memory does not grow with T;
+  DRaFT-K   (--K k):  only through the last k steps; the earlier ones run under no_grad (DRTune Alg. 1 line 2);
+  DRaFT-LV  (--K 1 --lv n): K = 1 plus n re-noised copies of the final sample, each denoised by one more
+            differentiable last step; the reward is averaged over the 1 + n terms (lower-variance gradient).
+Optional DRaFT+ (NeMo-Aligner): --kl-coeff c adds c * mean (eps_theta - eps_pretrained)^2 on the trained steps.
+
+Quick run on the embedded tiny model (CPU, minutes):
+    python draft.py --reward brightness                 # DRaFT (full backprop)
+    python draft.py --reward brightness --K 1           # DRaFT-1
+    python draft.py --reward brightness --K 1 --lv 2    # DRaFT-LV
+The paper's small-scale settings on Stable Diffusion 1.4 (a GPU):
+    python draft.py --model CompVis/stable-diffusion-v1-4 --reward symmetry --prompts my_prompts.txt \
+        --num-steps 50 --guidance-scale 7.5 --K 1 --lv 2 --lora-rank 8 --lr 4e-4 --weight-decay 0.1 \
+        --batch-size 4 --iters 2000 --eval-every 100
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    reward: str = "symmetry"
+    """reward name from rewards.py (must be differentiable)"""
+    prompts: str = "simple_animals"
+    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    num_steps: int = 10
+    """T: DDIM sampling steps (paper: 50)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance scale (paper: 7.5)"""
+    eta: float = 0.0
+    """DDIM noise scale; 0.0 is the deterministic DDIM sampler of the paper (and NeMo DRaFT+)"""
+    resolution: int = 0
+    """image size in pixels; 0 = the model's native size"""
+    batch_size: int = 4
+    """images per micro-batch (paper: 4 small-scale, 16 large-scale)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer update"""
+    iters: int = 15
+    """optimizer updates (paper: 2k small-scale, 10k large-scale)"""
+    lr: float = 3e-3
+    """AdamW learning rate (paper: 4e-4 at LoRA rank 8, 2e-4 at rank 32)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (paper: 0.1)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (not given in the paper's summary; NeMo DRaFT+: 10)"""
+    lora_rank: int = 8
+    """LoRA rank on the UNet attention projections (paper: 8 small-scale, 32 large-scale)"""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 = equal to the rank"""
+    K: int = -1
+    """backpropagate through the last K sampling steps; -1 (or >= T) = all of them (plain DRaFT)"""
+    lv: int = 0
+    """DRaFT-LV: number n of extra re-noised last-step samples (needs --K 1; paper: 2); 0 = off"""
+    kl_coeff: float = 0.0
+    """DRaFT+ (NeMo-Aligner): weight of the eps-difference penalty to the pretrained model; 0 = off (NeMo: 1.0)"""
+    checkpoint: bool = True
+    """gradient checkpointing of every differentiable UNet call"""
+    vae_checkpoint: bool = False
+    """gradient checkpointing of the VAE decoder"""
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder; default runs/draft__<reward>__<seed>__<time>"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 5
+    """evaluate every N iterations (0 = only at the start and the end)"""
+    eval_size: int = 16
+    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+
+
+def check_args(args: Args):
+    prompts = common.check_common_args(args, differentiable=True)
+    if args.K == 0 or args.K < -1:
+        common.fail(f"--K must be -1 (all steps) or at least 1 (got {args.K})")
+    if args.lv < 0:
+        common.fail(f"--lv must be 0 (off) or a positive number of extra samples (got {args.lv})")
+    if args.lv and args.K != 1:
+        common.fail(f"--lv {args.lv} is DRaFT-LV, which is defined for --K 1 only (got --K {args.K})")
+    if args.kl_coeff < 0:
+        common.fail(f"--kl-coeff must be non-negative (got {args.kl_coeff})")
+    if args.grad_accum < 1 or args.eval_size < 1:
+        common.fail("--grad-accum and --eval-size must be at least 1")
+    return prompts
+
+
+def draft_steps(T: int, K: int):
+    """DRTune Alg. 1 line 2 (DRaFT-K) -> the rollout step indices (0 = noisiest) that carry gradient."""
+    if K == -1 or K >= T:
+        return list(range(T))  # plain DRaFT: the whole chain
+    return list(range(T - K, T))  # DRaFT-K: the last K steps; earlier ones sg(eps) (Alg. 1 lines 17-18)
+
+
+def lv_terms(pipe, x0, cond, uncond, n: int, *, guidance_scale: float, eta: float, checkpoint: bool = True):
+    """DRaFT-LV: n re-noised copies of the final latent, each denoised by one differentiable last step.
+
+    The summary leaves open how the copies are made; we follow the notes (implementations.md §6, FlowBP):
+    x0 is detached (the gradient comes only from the last step, as with K = 1), noised to the level of the
+    last step's input x_{t_1} with q(x_{t_1} | x_0) = N(sqrt(a_1) x0, (1 - a_1) I) with fresh noise per copy
+    (latents, not re-encoded pixels), then denoised by the very update the rollout's last step uses (same
+    DDIM eta and CFG). Returns the n * B denoised latents, the copies stacked along the batch.
+    """
+    scheduler = pipe.scheduler
+    t_last = scheduler.timesteps[-1]  # set by the rollout that produced x0
+    alpha_bar = scheduler.alphas_cumprod[t_last].to(x0.device)
+    x0 = x0.detach().repeat(n, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * torch.randn_like(x0)
+    cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
+    if checkpoint:
+        out = torch.utils.checkpoint.checkpoint(common.unet_output, pipe.unet, x_t, t_last, cond, uncond,
+                                                guidance_scale, use_reentrant=False)
+    else:
+        out = common.unet_output(pipe.unet, x_t, t_last, cond, uncond, guidance_scale)
+    return common.ddim_step_with_logprob(scheduler, out, t_last, x_t, eta)[0]
+
+
+def kl_to_pretrained(pipe, latents, timesteps, grad_steps, cond, uncond, guidance_scale: float,
+                     checkpoint: bool = True):
+    """DRaFT+ (NeMo-Aligner): mean (eps_theta(x_t) - eps_pretrained(x_t))^2 over the trained steps.
+
+    Evaluated on the recorded sg(x_t); NeMo uses the live x_t, which only differs for K > 1 (its penalty's
+    gradient then also flows through x_t into earlier steps). The pretrained model is the same UNet with the
+    LoRA adapter disabled, so no second copy is held.
+    """
+    penalty = 0.0
+    for i in grad_steps:
+        if checkpoint:
+            eps = torch.utils.checkpoint.checkpoint(common.unet_output, pipe.unet, latents[i], timesteps[i], cond,
+                                                    uncond, guidance_scale, use_reentrant=False)
+        else:
+            eps = common.unet_output(pipe.unet, latents[i], timesteps[i], cond, uncond, guidance_scale)
+        with torch.no_grad():
+            pipe.unet.disable_adapters()
+            eps_ref = common.unet_output(pipe.unet, latents[i], timesteps[i], cond, uncond, guidance_scale)
+            pipe.unet.enable_adapters()
+        penalty = penalty + ((eps - eps_ref) ** 2).mean() / len(grad_steps)
+    return penalty
+
+
+def main():
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    prompts = check_args(args)
+    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
+    common.seed_everything(args.seed)
+    pipe = common.load_pipeline(args.model, dtype, device)
+    resolution = args.resolution or common.native_resolution(pipe)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.REWARDS[args.reward][0]
+    eval_set = common.eval_prompts(prompts, args.eval_size)
+    log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
+    uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
+    T, K = args.num_steps, args.K
+
+    def evaluate(it):
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
+                                         guidance_scale=args.guidance_scale, resolution=resolution)
+        log.save_images(images, f"eval_{it:05d}.png")
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+
+    samples_seen = 0
+    for it in range(args.iters):
+        row = {"iter": it}
+        if it == 0 or (args.eval_every and it % args.eval_every == 0):
+            row |= evaluate(it)
+
+        # ALGO LOGIC: which steps carry gradient (DRaFT: all; DRaFT-K and DRaFT-LV: the last K)
+        grad_steps = draft_steps(T, K)
+
+        rewards_seen, loss_total, kl_total = [], 0.0, 0.0
+        for _ in range(args.grad_accum):
+            batch = random.choices(prompts, k=args.batch_size)
+            cond = common.encode_prompts(pipe, batch)
+            x_T = common.initial_latents(pipe, args.batch_size, resolution)
+            out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
+                                 eta=args.eta, grad_steps=grad_steps, checkpoint=args.checkpoint,
+                                 record=args.kl_coeff > 0)
+            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_checkpoint)
+            reward = reward_fn(images, batch)
+            all_rewards = reward
+            if args.lv:  # DRaFT-LV: 1 + n reward terms, all from a differentiable last step
+                x0_lv = lv_terms(pipe, out.output, cond, uncond, args.lv, guidance_scale=args.guidance_scale,
+                                 eta=args.eta, checkpoint=args.checkpoint)
+                images_lv = common.decode(pipe.vae, x0_lv, checkpoint=args.vae_checkpoint)
+                all_rewards = torch.cat([reward, reward_fn(images_lv, batch * args.lv)])
+            loss = -all_rewards.mean()  # ascend the reward of the final sample(s)
+            if args.kl_coeff:  # DRaFT+: stay close to the pretrained eps on the trained steps
+                kl = kl_to_pretrained(pipe, out.latents, out.timesteps, grad_steps, cond, uncond,
+                                      args.guidance_scale, args.checkpoint)
+                loss = loss + args.kl_coeff * kl
+                kl_total += kl.item() / args.grad_accum
+            loss = loss / args.grad_accum
+            loss.backward()
+            rewards_seen.append(reward.detach())
+            loss_total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += args.batch_size * args.grad_accum
+
+        # TRY NOT TO MODIFY: logging
+        reward_all = torch.cat(rewards_seen)
+        row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
+                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "trained_steps": grad_steps}
+        if args.kl_coeff:
+            row["kl"] = kl_total
+        if it == args.iters - 1:
+            row |= evaluate(it + 1)  # the final model, after the last update
+        log.log(row)
+    common.save_lora(pipe.unet, log.dir)
+    log.close("draft")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""ReFL: Reward Feedback Learning (Xu et al., NeurIPS 2023, "ImageReward: Learning and Evaluating Human
+Preferences for Text-to-Image Generation", arXiv 2304.05977), as written in DRTune's Algorithm 1 lines 7-10.
+
+Sample without gradient down to a random stop step t ~ randint(T1, T2) counted from the end (the original:
+40 DDPM steps, t in [1, 10]); make one UNet call with gradient there, decode the x0 it predicts and score it;
+loss = lambda * ReLU(phi - r). Optionally regularise with the pre-training (denoising) loss on a folder of
+captioned images, as the paper does (the public SD 1.x script leaves it out).
+
+--pretrain-data DIR: a folder of images with a `metadata.jsonl`, one JSON object per line naming an image in
+the folder and its caption, in the Hugging Face ImageFolder layout:
+    DIR/metadata.jsonl   {"file_name": "0001.png", "text": "a photo of a cat"}
+    DIR/0001.png         (any format PIL reads; centre-cropped and resized to the training resolution)
+
+Quick run on the embedded tiny model (CPU, minutes):
+    python refl.py --reward brightness
+The original settings on Stable Diffusion 1.4 (a GPU; LoRA here, the original tunes the full UNet with EMA;
+DDIM with eta 1 stands in for its 40-step DDPM sampler; batch 64 = 8 GPUs x 2 x 4 accumulated):
+    python refl.py --model CompVis/stable-diffusion-v1-4 --reward <an ImageReward-like reward> --phi 2 \
+        --lam 1e-3 --prompts my_prompts.txt --num-steps 40 --t1 1 --t2 10 --guidance-scale 1.0 --lr 1e-5 \
+        --weight-decay 1e-2 --grad-clip 1.0 --batch-size 8 --grad-accum 8 --iters 100
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from PIL import Image
+
+import common
+import rewards
+
+# (phi, lambda) per reward when --phi / --lam are not given. The original phi = 2, lambda = 1e-3 suit
+# ImageReward, a normalised score (about N(0, 1) on real images) with large gradients. For our rewards phi
+# is the best achievable value, so the ReLU never cuts the gradient and the loss is lambda * (phi - r),
+# plain reward ascent; lambda = 1 because Adam's update stalls once gradients approach its eps (1e-8):
+# brightness gradients times 1e-3 are about 1e-8 per LoRA weight on the embedded model.
+REWARD_DEFAULTS = {"brightness": (1.0, 1.0), "symmetry": (0.0, 1.0), "compression": (0.0, 1.0),
+                   "colorfulness": (150.0, 1.0)}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    reward: str = "symmetry"
+    """reward name from rewards.py (must be differentiable)"""
+    prompts: str = "simple_animals"
+    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    num_steps: int = 20
+    """T: sampling steps (original: 40 DDPM steps)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance scale; 1.0 = off, as in the original ReFL"""
+    eta: float = 1.0
+    """DDIM noise scale; 1.0 is ancestral sampling like the original's DDPM sampler"""
+    resolution: int = 0
+    """image size in pixels; 0 = the model's native size"""
+    batch_size: int = 8
+    """images per micro-batch"""
+    grad_accum: int = 1
+    """micro-batches per optimizer update"""
+    iters: int = 30
+    """optimizer updates (original: 100)"""
+    lr: float = 3e-3
+    """AdamW learning rate (original: 1e-5, full UNet)"""
+    weight_decay: float = 1e-2
+    """AdamW weight decay (original: 1e-2)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (original: 1.0)"""
+    lora_rank: int = 8
+    """LoRA rank on the UNet attention projections (the original tunes the full UNet)"""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 = equal to the rank"""
+    t1: int = 1
+    """stop range [T1, T2]: the gradient step is drawn among the last T2..T1 steps (original: 1 of 40)"""
+    t2: int = 5
+    """upper end of the stop range, counted from the last step (original: 10 of 40)"""
+    phi: float | None = None
+    """ReLU threshold in lambda * ReLU(phi - r) (ImageReward: 2); default: per reward (REWARD_DEFAULTS)"""
+    lam: float | None = None
+    """lambda, the ReFL loss weight (ImageReward: 1e-3); default: per reward (REWARD_DEFAULTS)"""
+    pretrain_data: str = ""
+    """folder of captioned images for the pre-training loss (format in the docstring); empty = off"""
+    pretrain_weight: float = 1.0
+    """weight of the pre-training (denoising) loss when --pretrain-data is given"""
+    checkpoint: bool = True
+    """gradient checkpointing of every differentiable UNet call"""
+    vae_checkpoint: bool = False
+    """gradient checkpointing of the VAE decoder"""
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder; default runs/refl__<reward>__<seed>__<time>"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 0
+    """CPU threads for torch (0 = min(4, cores))"""
+    eval_every: int = 10
+    """evaluate every N iterations (0 = only at the start and the end)"""
+    eval_size: int = 16
+    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+
+
+def read_pretrain_data(folder: str):
+    """--pretrain-data -> [(image path, caption)], or a one-line error naming what is wrong."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        common.fail(f"--pretrain-data {folder}: no such folder")
+    metadata = root / "metadata.jsonl"
+    if not metadata.is_file():
+        common.fail(f"--pretrain-data {folder}: no metadata.jsonl there (one {{\"file_name\", \"text\"}} per line)")
+    pairs = []
+    for n, line in enumerate(metadata.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            path, caption = root / entry["file_name"], str(entry["text"])
+        except (ValueError, KeyError, TypeError):
+            common.fail(f"--pretrain-data {folder}: metadata.jsonl line {n} is not {{\"file_name\": ..., \"text\": ...}}")
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            common.fail(f"--pretrain-data {folder}: metadata.jsonl line {n} names {entry['file_name']}, not an image there")
+        pairs.append((path, caption))
+    if not pairs:
+        common.fail(f"--pretrain-data {folder}: metadata.jsonl lists no images")
+    return pairs
+
+
+def check_args(args: Args):
+    prompts = common.check_common_args(args, differentiable=True)
+    if not 1 <= args.t1 <= args.t2 <= args.num_steps:
+        common.fail(f"--t1/--t2: need 1 <= T1 <= T2 <= T = {args.num_steps} (got [{args.t1}, {args.t2}])")
+    if (args.lam is not None and args.lam <= 0) or args.pretrain_weight < 0:
+        common.fail("--lam must be positive and --pretrain-weight non-negative")
+    if (args.phi is None or args.lam is None) and args.reward not in REWARD_DEFAULTS:
+        common.fail(f"--reward {args.reward} has no default phi and lambda; pass --phi and --lam")
+    if args.grad_accum < 1 or args.eval_size < 1:
+        common.fail("--grad-accum and --eval-size must be at least 1")
+    return prompts, (read_pretrain_data(args.pretrain_data) if args.pretrain_data else [])
+
+
+def refl_steps(T: int, t1: int, t2: int):
+    """DRTune Alg. 1 line 8 for ReFL -> (rollout step indices that carry gradient, rollout step index to stop at).
+
+    The stop step t ~ randint(T1, T2) counts from the end (t = 1 is the last step; the original's
+    randint(30, 39) over 40 steps); the rollout counts steps i = T - t from 0 (the noisiest).
+    """
+    t = random.randint(t1, t2)
+    return [T - t], T - t  # the only gradient step is the one where sampling stops (Alg. 1 lines 17-21)
+
+
+def load_images(paths, resolution: int):
+    """Centre-crop to a square, resize, -> (N, 3, H, W) in [0, 1]."""
+    images = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(images)
+
+
+def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
+    """The pre-training loss: noise-prediction MSE at a uniform random t on real captioned images."""
+    scheduler, unet = pipe.scheduler, pipe.unet
+    chosen = random.choices(pairs, k=batch_size)
+    images = load_images([p for p, _ in chosen], resolution).to(unet.device)
+    latents = common.encode_images(pipe.vae, images)
+    cond = common.encode_prompts(pipe, [c for _, c in chosen])
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    prediction = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    return torch.nn.functional.mse_loss(prediction, target)
+
+
+def main():
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    prompts, pretrain_pairs = check_args(args)
+    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
+    common.seed_everything(args.seed)
+    pipe = common.load_pipeline(args.model, dtype, device)
+    resolution = args.resolution or common.native_resolution(pipe)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.REWARDS[args.reward][0]
+    eval_set = common.eval_prompts(prompts, args.eval_size)
+    log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
+    uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
+    T = args.num_steps
+    phi, lam = REWARD_DEFAULTS.get(args.reward, (args.phi, args.lam))
+    phi, lam = phi if args.phi is None else args.phi, lam if args.lam is None else args.lam
+
+    def evaluate(it):
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
+                                         guidance_scale=args.guidance_scale, resolution=resolution)
+        log.save_images(images, f"eval_{it:05d}.png")
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+
+    samples_seen = 0
+    for it in range(args.iters):
+        row = {"iter": it}
+        if it == 0 or (args.eval_every and it % args.eval_every == 0):
+            row |= evaluate(it)
+
+        # ALGO LOGIC: one gradient step, where sampling stops (Algorithm 1 lines 7-10, 17-21)
+        grad_steps, stop_step = refl_steps(T, args.t1, args.t2)
+
+        rewards_seen, loss_total, pretrain_total = [], 0.0, 0.0
+        for _ in range(args.grad_accum):
+            batch = random.choices(prompts, k=args.batch_size)
+            cond = common.encode_prompts(pipe, batch)
+            x_T = common.initial_latents(pipe, args.batch_size, resolution)
+            out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
+                                 eta=args.eta, grad_steps=grad_steps, stop_step=stop_step,
+                                 checkpoint=args.checkpoint)
+            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_checkpoint)  # decoded x0 prediction
+            reward = reward_fn(images, batch)
+            loss = lam * torch.relu(phi - reward).mean()  # ReFL loss: lambda * ReLU(phi - r)
+            if pretrain_pairs:  # the paper's regulariser; the SDXL scripts instead alternate two optimizer steps
+                pretrain = pretrain_loss(pipe, pretrain_pairs, args.batch_size, resolution)
+                loss = loss + args.pretrain_weight * pretrain
+                pretrain_total += pretrain.item() / args.grad_accum
+            loss = loss / args.grad_accum
+            loss.backward()
+            rewards_seen.append(reward.detach())
+            loss_total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += args.batch_size * args.grad_accum
+
+        # TRY NOT TO MODIFY: logging
+        reward_all = torch.cat(rewards_seen)
+        row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
+                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "t_stop": T - stop_step, "trained_steps": grad_steps}
+        if pretrain_pairs:
+            row["pretrain_loss"] = pretrain_total
+        if it == args.iters - 1:
+            row |= evaluate(it + 1)  # the final model, after the last update
+        log.log(row)
+    common.save_lora(pipe.unet, log.dir)
+    log.close("refl")
+
+
+if __name__ == "__main__":
+    main()
