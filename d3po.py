@@ -75,7 +75,7 @@ class Args:
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 4
     """prompts per update (each gives --per-prompt images)"""
-    iters: int = 12
+    iters: int = 20
     """optimizer updates"""
     lr: float = 1e-2
     """AdamW learning rate (paper: 3e-5 at LoRA rank 4 on SD 1.5; the tiny model needs far more)"""
@@ -101,7 +101,7 @@ class Args:
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
     threads: int = 0
     """CPU threads for torch (0 = min(4, cores))"""
-    eval_every: int = 6
+    eval_every: int = 5
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
     """number of fixed evaluation prompts (fixed noise, deterministic DDIM); scored with --reward"""
@@ -136,8 +136,13 @@ def load_samples(args: Args) -> dict:
             flag = "--" + name.replace("_", "-")
             common.fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
                         f"training replays their transitions, so pass {flag} {meta.get(name)}")
-    if not (Path(args.samples) / "trajectories.safetensors").is_file():
+    trajectories = Path(args.samples) / "trajectories.safetensors"
+    if not trajectories.is_file():
         common.fail(f"--samples {args.samples}: trajectories.safetensors is missing")
+    # The id the label files quote is this file's hash: labels can only ever train the pairs they judged.
+    if hashlib.sha256(trajectories.read_bytes()).hexdigest()[:16] != meta.get("samples_id"):
+        common.fail(f"--samples {args.samples}: trajectories.safetensors changed since sampling (hash differs "
+                    "from samples.json); its labels no longer describe it")
     return meta
 
 

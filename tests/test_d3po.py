@@ -236,6 +236,14 @@ def test_bad_input_fails_before_any_work(samples, tmp_path, monkeypatch, capsys)
     expect_usage_error(monkeypatch, capsys, ["--per-prompt", "1"], tmp_path / "r10", "--per-prompt must be at least 2")
     expect_usage_error(monkeypatch, capsys, ["--eta", "0"], tmp_path / "r11", "--eta must be > 0")
     expect_usage_error(monkeypatch, capsys, ["--feedback", "human"], tmp_path / "r12", "--phase sample or --phase train")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(samples, tampered)
+    stored = d3po.load_file(tampered / "trajectories.safetensors")
+    d3po.save_file({k: v + (k == "latents") for k, v in stored.items()}, tampered / "trajectories.safetensors")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(page_export(meta, [0, 1, "tie"])))
+    expect_usage_error(monkeypatch, capsys, [*train[:5], str(tampered), *train[6:], "--labels", str(good)],
+                       tmp_path / "r13", "changed since sampling")
     # sampling into a run dir that already holds samples must not overwrite them
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--feedback", "human", "--phase", "sample", "--run-dir", str(samples))
