@@ -403,7 +403,7 @@ def main():
         samples_seen += len(batch) * n
 
         # TRY NOT TO MODIFY: logging
-        finite = scores[scores.isfinite()]
+        finite = scores[scores.isfinite()]  # human feedback: the batch's averaged label scores
         row |= {"reward_mean": finite.mean().item(), "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
                 **stats, "tie_frac": (prefs == 0).float().mean().item(), "grad_norm": grad_norm.item(),
                 "samples_seen": samples_seen}
