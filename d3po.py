@@ -16,7 +16,7 @@ Learning from people (see the README): sample, label in the browser, train on th
     python d3po.py --feedback human --phase train --samples runs/round1 --labels alice.json bob.json
 The paper's settings on Stable Diffusion 1.5 (a GPU):
     python d3po.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward jpeg_compressibility \
-        --num-steps 20 --guidance-scale 5.0 --lr 3e-5 --lora-rank 4 --batch-size 10 --iters 400 --resolution 512
+        --num-steps 20 --guidance-scale 5.0 --lr 3e-5 --lora-rank 4 --batch-size 10 --iters 400
 """
 
 import base64
