@@ -151,18 +151,29 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--eta", "0"], "--eta"),
-    (["--clip-range", "0"], "--clip-range"),
-    (["--timestep-fraction", "0"], "--timestep-fraction"),
-    (["--timestep-fraction", "1.5"], "--timestep-fraction"),
-    (["--sample-batches", "3", "--updates-per-round", "2"], "divide"),
-    (["--estimator", "sf", "--updates-per-round", "4"], "--estimator sf"),
-    (["--estimator", "ppo"], "--estimator"),
+@pytest.mark.parametrize("overrides,needle", [
+    ({"eta": 0.0}, "--eta"),
+    ({"clip_range": 0.0}, "--clip-range"),
+    ({"timestep_fraction": 0.0}, "--timestep-fraction"),
+    ({"timestep_fraction": 1.5}, "--timestep-fraction"),
+    ({"sample_batches": 3, "updates_per_round": 2}, "divide"),
+    ({"estimator": "sf", "updates_per_round": 4}, "--estimator sf"),
+    ({"estimator": "sf", "inner_epochs": 2}, "--estimator sf"),
+    ({"estimator": "ppo"}, "--estimator"),
 ])
-def test_bad_input_is_one_line_and_creates_no_run_dir(flags, needle, tmp_path):
-    result = run_script(*flags, "--run-dir", str(tmp_path / "run"), timeout=120)
+def test_bad_input_is_one_line_before_any_work(overrides, needle, tmp_path, capsys):
+    args = ddpo.Args(**overrides, run_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.check_args(args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_command_line_exits_with_one_line_and_creates_no_run_dir(tmp_path):
+    result = run_script("--eta", "0", "--run-dir", str(tmp_path / "run"), timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert len(lines) == 1 and "--eta" in lines[0], result.stderr
     assert not (tmp_path / "run").exists()

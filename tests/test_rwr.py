@@ -75,9 +75,15 @@ def test_weighted_denoising_loss_drops_zero_weights_and_scales_the_others():
 
 
 @pytest.mark.parametrize("weighting,kept", [("softmax", 4), ("sparse", 2)])
-def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path):
+def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_dir):
+    model = embedded_dir
+    if weighting == "sparse":  # and on a v-prediction model (SD 2.x style): the target is v, not epsilon
+        model = tmp_path / "v-model"
+        shutil.copytree(embedded_dir, model)
+        config_path = model / "scheduler" / "scheduler_config.json"
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prediction_type": "v_prediction"}))
     run_dir = tmp_path / "run"
-    result = run_script("--weighting", weighting, *TINY, "--run-dir", str(run_dir))
+    result = run_script("--weighting", weighting, "--model", str(model), *TINY, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 1]
@@ -89,24 +95,25 @@ def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path):
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_tiny_run_on_a_v_prediction_model(embedded_dir, tmp_path):
-    folder = tmp_path / "v-model"
-    shutil.copytree(embedded_dir, folder)
-    config_path = folder / "scheduler" / "scheduler_config.json"
-    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"prediction_type": "v_prediction"}))
-    result = run_script("--model", str(folder), *TINY, "--iters", "1", "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.parametrize("flags,needle", [
-    (["--percentile", "0"], "--percentile"),
-    (["--percentile", "100"], "--percentile"),
-    (["--batch-size", "3", "--sample-batches", "1", "--samples-per-prompt", "2"], "divide"),
-    (["--weighting", "dense"], "--weighting"),
+@pytest.mark.parametrize("overrides,needle", [
+    ({"percentile": 0.0}, "--percentile"),
+    ({"percentile": 100.0}, "--percentile"),
+    ({"batch_size": 3, "sample_batches": 1, "samples_per_prompt": 2}, "divide"),
+    ({"weighting": "dense"}, "--weighting"),
 ])
-def test_bad_input_is_one_line_and_creates_no_run_dir(flags, needle, tmp_path):
-    result = run_script(*flags, "--run-dir", str(tmp_path / "run"), timeout=120)
+def test_bad_input_is_one_line_before_any_work(overrides, needle, tmp_path, capsys):
+    args = rwr.Args(**overrides, run_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit) as exit_info:
+        rwr.check_args(args)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_command_line_exits_with_one_line_and_creates_no_run_dir(tmp_path):
+    result = run_script("--percentile", "100", "--run-dir", str(tmp_path / "run"), timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert len(lines) == 1 and "--percentile" in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
