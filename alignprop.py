@@ -48,9 +48,9 @@ class Args:
     """images per micro-batch (paper: 4 per GPU)"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 20
+    iters: int = 30
     """optimizer updates"""
-    lr: float = 1e-3
+    lr: float = 5e-3
     """AdamW learning rate (paper: 1e-3)"""
     weight_decay: float = 0.1
     """AdamW weight decay (paper-era code: 0.1; the 2024 code: 1e-4)"""

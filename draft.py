@@ -48,9 +48,9 @@ class Args:
     """images per micro-batch (paper: 4 small-scale, 16 large-scale)"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 15
+    iters: int = 30
     """optimizer updates (paper: 2k small-scale, 10k large-scale)"""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """AdamW learning rate (paper: 4e-4 at LoRA rank 8, 2e-4 at rank 32)"""
     weight_decay: float = 0.1
     """AdamW weight decay (paper: 0.1)"""
@@ -80,7 +80,7 @@ class Args:
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
     threads: int = 0
     """CPU threads for torch (0 = min(4, cores))"""
-    eval_every: int = 5
+    eval_every: int = 10
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
     """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""

@@ -65,7 +65,7 @@ class Args:
     """micro-batches per optimizer update"""
     iters: int = 30
     """optimizer updates (original: 100)"""
-    lr: float = 3e-3
+    lr: float = 5e-3
     """AdamW learning rate (original: 1e-5, full UNet)"""
     weight_decay: float = 1e-2
     """AdamW weight decay (original: 1e-2)"""

@@ -1,0 +1,131 @@
+"""Helpers for test_draft.py, test_refl.py and test_alignprop.py: run a method script's real `main()` in this
+process with hooks on the UNet and on the reward, so a test sees which sampling steps the training loop
+actually routes gradient through, and what the reward was given."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common
+import rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny budget for every run: 2 updates of 2 images, 2 eval prompts; one thread (a shared CPU makes
+# several threads wait on each other at every op).
+TINY = ["--reward", "brightness", "--batch-size", "2", "--eval-size", "2", "--iters", "2", "--threads", "1"]
+
+
+@dataclass
+class UNetCall:
+    t: int  # the scheduler timestep it was called at (-1: a batch of different timesteps)
+    batch: int
+    requires_grad: bool  # the call was made with gradient (its output is in the autograd graph)
+    x: torch.Tensor  # its latent input
+    out: torch.Tensor  # its raw output
+    grad: float | None = None  # sum |d loss / d output|, once backward has reached this call
+
+
+@dataclass
+class RewardCall:
+    images: torch.Tensor
+    requires_grad: bool
+    grad: torch.Tensor | None = None  # d loss / d reward, per image
+
+
+class Trace:
+    """Everything the UNet and the reward saw, in order."""
+
+    def __init__(self):
+        self.events, self.pipe = [], None
+
+    def on_unet(self, module, args, output):
+        if torch._C._current_graph_task_id() != -1:
+            return  # a checkpointed call recomputed during backward, not a new call
+        sample = output.sample
+        t = torch.as_tensor(args[1])
+        call = UNetCall(int(t) if t.numel() == 1 else -1, args[0].shape[0], sample.requires_grad, args[0].detach().clone(),
+                        sample.detach().clone())
+        if sample.requires_grad:
+            sample.register_hook(lambda g: setattr(call, "grad", g.abs().sum().item()))
+        self.events.append(call)
+
+    def wrap_reward(self, fn):
+        def score(images, prompts):
+            reward = fn(images, prompts)
+            call = RewardCall(images.detach().clone(), reward.requires_grad)
+            if reward.requires_grad:
+                reward.register_hook(lambda g: setattr(call, "grad", g.detach().clone()))
+            self.events.append(call)
+            return reward
+
+        return score
+
+    def training_segments(self):
+        """[(UNet calls since the previous reward call, the reward call)] for each reward call with gradient;
+        segments ending in a no-gradient reward call (evaluation) are dropped."""
+        segments, calls = [], []
+        for event in self.events:
+            if isinstance(event, UNetCall):
+                calls.append(event)
+                continue
+            if event.requires_grad:
+                segments.append((calls, event))
+            calls = []
+        return segments
+
+
+def run_main(module, argv, monkeypatch, run_dir):
+    """module.main() on `argv` with hooks installed -> (Trace, metrics rows)."""
+    trace = Trace()
+    load = common.load_pipeline
+
+    def load_with_hooks(*args, **kwargs):
+        trace.pipe = load(*args, **kwargs)
+        trace.pipe.unet.register_forward_hook(trace.on_unet)
+        return trace.pipe
+
+    monkeypatch.setattr(common, "load_pipeline", load_with_hooks)
+    reward = argv[argv.index("--reward") + 1]
+    fn, differentiable = rewards.REWARDS[reward]
+    monkeypatch.setitem(rewards.REWARDS, reward, (trace.wrap_reward(fn), differentiable))
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv, "--run-dir", str(run_dir)])
+    module.main()
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return trace, rows
+
+
+def expect_bad_input(module, argv, monkeypatch, capsys, tmp_path, needle: str):
+    """main() must stop with exit status != 0, one line on stderr containing `needle`, and no run dir."""
+    run_dir = tmp_path / "should_not_exist"
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv, "--run-dir", str(run_dir)])
+    try:
+        module.main()
+    except SystemExit as stop:
+        assert stop.code not in (0, None)
+    else:
+        raise AssertionError(f"{argv} did not stop")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not run_dir.exists()
+
+
+def run_script(script: str, *argv, cwd=ROOT):
+    """The script as a user runs it, in a fresh process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def check_run_dir(run_dir, iters: int):
+    """metrics.jsonl has one row per update, eval at the start and after the last update; LoRA saved."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == list(range(iters))
+    assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (Path(run_dir) / "pytorch_lora_weights.safetensors").is_file()
+    return rows

@@ -1,0 +1,126 @@
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import common
+import draft
+import rewards
+from gradient_family import TINY, check_run_dir, expect_bad_input, run_main, run_script
+
+
+def test_draft_steps_are_all_steps_or_the_last_k():
+    assert draft.draft_steps(6, -1) == [0, 1, 2, 3, 4, 5]
+    assert draft.draft_steps(6, 6) == draft.draft_steps(6, 9) == [0, 1, 2, 3, 4, 5]
+    assert draft.draft_steps(6, 2) == [4, 5]
+    assert draft.draft_steps(6, 1) == [5]
+
+
+@pytest.mark.parametrize("K", [-1, 2])
+def test_gradient_reaches_exactly_the_last_k_steps_of_the_real_rollout(K, monkeypatch, tmp_path):
+    T = 5
+    trace, rows = run_main(draft, [*TINY, "--num-steps", str(T), "--K", str(K)], monkeypatch, tmp_path / "run")
+    segments = trace.training_segments()
+    assert len(segments) == 2  # one rollout per update
+    timesteps = [int(t) for t in trace.pipe.scheduler.timesteps]
+    for calls, score in segments:
+        assert [c.t for c in calls] == timesteps  # one UNet call per sampling step, in order
+        trained = [i for i, c in enumerate(calls) if c.requires_grad and c.grad]
+        untrained = [i for i, c in enumerate(calls) if not c.requires_grad]
+        assert trained == draft.draft_steps(T, K)
+        assert untrained == [i for i in range(T) if i not in trained]  # the rest ran under no_grad
+        assert score.requires_grad and len(score.images) == 2
+    assert rows[0]["trained_steps"] == draft.draft_steps(T, K)
+
+
+def test_lv_has_1_plus_n_reward_terms_and_gradient_only_through_the_last_step(monkeypatch, tmp_path):
+    T, n, B = 4, 2, 2
+    trace, _ = run_main(draft, [*TINY, "--num-steps", str(T), "--K", "1", "--lv", str(n)], monkeypatch,
+                        tmp_path / "run")
+    segments = trace.training_segments()
+    assert len(segments) == 4  # per update: the rollout's reward, then the re-noised copies' reward
+    t_last = int(trace.pipe.scheduler.timesteps[-1])
+    for (rollout_calls, base), (lv_calls, extra) in zip(segments[::2], segments[1::2]):
+        assert [c.requires_grad for c in rollout_calls] == [False] * (T - 1) + [True]
+        assert rollout_calls[-1].grad > 0
+        assert len(lv_calls) == 1  # the n copies share one batched, differentiable last-step call
+        assert lv_calls[0].t == t_last and lv_calls[0].batch == 2 * n * B  # x2: CFG's cond + uncond
+        assert lv_calls[0].grad > 0
+        assert len(base.images) == B and len(extra.images) == n * B
+        # the loss is minus the mean over all (1 + n) * B reward terms
+        for score in (base, extra):
+            torch.testing.assert_close(score.grad, torch.full_like(score.grad, -1 / ((1 + n) * B)))
+
+
+def test_drafts_plus_kl_is_zero_before_the_first_update_then_positive(monkeypatch, tmp_path):
+    _, rows = run_main(draft, [*TINY, "--num-steps", "3", "--K", "1", "--kl-coeff", "1.0"], monkeypatch,
+                       tmp_path / "run")
+    assert rows[0]["kl"] == 0.0  # LoRA starts as the identity (B = 0): eps_theta == eps_pretrained
+    assert rows[1]["kl"] > 0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive at once while active (the CPU has no allocator statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def peak_training_bytes(pipe, T: int, checkpoint: bool):
+    """Peak activation memory of one full-DRaFT rollout + reward + backward (weights excluded)."""
+    cond = common.encode_prompts(pipe, ["a cat"])
+    x_T = common.initial_latents(pipe, 1, 16, generator=torch.Generator().manual_seed(0))
+    with LiveBytes() as memory:
+        out = common.rollout(pipe, cond, None, x_T, num_steps=T, guidance_scale=1.0, eta=0.0,
+                             grad_steps=draft.draft_steps(T, -1), checkpoint=checkpoint)
+        reward = rewards.brightness(common.decode(pipe.vae, out.output), ["a cat"])
+        (-reward.mean()).backward()
+    return memory.peak
+
+
+def test_full_draft_memory_does_not_grow_with_the_number_of_steps(pipe):
+    torch.set_num_threads(1)  # tiny ops: extra threads only wait on each other on a shared CPU
+    common.add_lora(pipe.unet, 4)
+    assert peak_training_bytes(pipe, 50, True) <= 1.5 * peak_training_bytes(pipe, 5, True)
+    # the measurement can tell: without checkpointing every step's activations are kept
+    assert peak_training_bytes(pipe, 15, False) > 1.5 * peak_training_bytes(pipe, 5, False)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--K", "2", "--lv", "2"], "--lv"),
+    (["--K", "0"], "--K"),
+    (["--lv", "-1"], "--lv"),
+    (["--reward", "jpeg_compressibility"], "not differentiable"),
+    (["--kl-coeff", "-1"], "--kl-coeff"),
+])
+def test_bad_input_stops_before_any_work(argv, needle, monkeypatch, capsys, tmp_path):
+    expect_bad_input(draft, argv, monkeypatch, capsys, tmp_path, needle)
+
+
+def test_script_runs_as_a_user_runs_it(tmp_path):
+    result = run_script("draft.py", *TINY, "--num-steps", "3", "--K", "1", "--lv", "1",
+                        "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    check_run_dir(tmp_path / "run", iters=2)
+    bad = run_script("draft.py", "--K", "3", "--lv", "2", "--run-dir", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
