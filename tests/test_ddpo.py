@@ -149,6 +149,7 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     if estimator == "sf":  # on-policy: every sample is re-scored before the round's single update
         assert all(r["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and r["clipfrac"] == 0.0 for r in rows)
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 2, "samples_seen": 8}
 
 
 @pytest.mark.parametrize("overrides,needle", [

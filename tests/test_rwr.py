@@ -93,6 +93,7 @@ def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_di
     assert [r["samples_seen"] for r in rows] == [4, 8]
     assert ["eval_reward_mean" in r for r in rows] == [True, True]
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 2, "samples_seen": 8}
 
 
 @pytest.mark.parametrize("overrides,needle", [
