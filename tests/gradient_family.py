@@ -114,11 +114,16 @@ def expect_bad_input(module, argv, monkeypatch, capsys, tmp_path, needle: str):
     assert not run_dir.exists()
 
 
-def run_script(script: str, *argv, cwd=ROOT):
-    """The script as a user runs it, in a fresh process."""
+def run_scripts(script: str, *argvs):
+    """The script as a user runs it, once per argv list, in fresh processes side by side (imports are slow)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    processes = [subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
 
 
 def check_run_dir(run_dir, iters: int):

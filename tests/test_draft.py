@@ -8,7 +8,7 @@ from torch.utils._pytree import tree_flatten
 import common
 import draft
 import rewards
-from gradient_family import TINY, check_run_dir, expect_bad_input, run_main, run_script
+from gradient_family import TINY, check_run_dir, expect_bad_input, run_main, run_scripts
 
 
 def test_draft_steps_are_all_steps_or_the_last_k():
@@ -117,10 +117,11 @@ def test_bad_input_stops_before_any_work(argv, needle, monkeypatch, capsys, tmp_
 
 
 def test_script_runs_as_a_user_runs_it(tmp_path):
-    result = run_script("draft.py", *TINY, "--num-steps", "3", "--K", "1", "--lv", "1",
-                        "--run-dir", str(tmp_path / "run"))
+    result, bad = run_scripts(
+        "draft.py",
+        [*TINY, "--num-steps", "3", "--K", "1", "--lv", "1", "--run-dir", str(tmp_path / "run")],
+        ["--K", "3", "--lv", "2", "--run-dir", str(tmp_path / "bad")])
     assert result.returncode == 0, result.stderr
     check_run_dir(tmp_path / "run", iters=2)
-    bad = run_script("draft.py", "--K", "3", "--lv", "2", "--run-dir", str(tmp_path / "bad"))
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
