@@ -127,10 +127,14 @@ def run_scripts(script: str, *argvs):
 
 
 def check_run_dir(run_dir, iters: int):
-    """metrics.jsonl has one row per update, eval at the start and after the last update; LoRA saved."""
+    """metrics.jsonl has one row per update, eval at the start and after the last update; LoRA and the
+    optimizer state saved for a resume."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(iters))
     assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (Path(run_dir) / "pytorch_lora_weights.safetensors").is_file()
+    state = json.loads((Path(run_dir) / "state.json").read_text())
+    assert state == {"iter": iters, "samples_seen": rows[-1]["samples_seen"]}
+    assert (Path(run_dir) / "optimizer.pt").is_file()
     return rows
