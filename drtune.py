@@ -73,8 +73,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 0
-    """CPU threads for torch (0 = min(4, cores))"""
+    threads: int = 1
+    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
     eval_every: int = 10
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
