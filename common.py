@@ -206,6 +206,8 @@ def unet_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0
     """The (guided) UNet output in fp32; cond and uncond go through one batched call."""
     if uncond is None or guidance_scale == 1.0:
         return unet(latents.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    if torch.is_tensor(t) and t.ndim == 1:  # one timestep per row: the doubled batch needs them twice
+        t = torch.cat([t, t])
     out = unet(torch.cat([latents, latents]).to(unet.dtype), t, torch.cat([uncond, cond]).to(unet.dtype))
     out_uncond, out_cond = out.sample.float().chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)

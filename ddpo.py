@@ -92,8 +92,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 0
-    """CPU threads for torch (0 = min(4, cores))"""
+    threads: int = 1
+    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
     eval_every: int = 5
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
@@ -179,10 +179,7 @@ def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale
     The UNet call, CFG batching and DDIM step are those of sampling (common.rollout), so with unchanged
     weights and the same batch size this reproduces the recorded log-prob (ratio exactly 1).
     """
-    guided = uncond is not None and guidance_scale != 1.0
-    # unet_output doubles the batch for CFG ([uncond, cond]); the per-row timesteps must be doubled too.
-    t_unet = torch.cat([timesteps, timesteps]) if guided else timesteps
-    out = common.unet_output(pipe.unet, latents, t_unet, cond, uncond if guided else None, guidance_scale)
+    out = common.unet_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
     _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, timesteps, latents, eta,
                                                 prev_sample=next_latents)
     return log_prob

@@ -86,8 +86,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 0
-    """CPU threads for torch (0 = min(4, cores))"""
+    threads: int = 1
+    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
     eval_every: int = 4
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
@@ -224,12 +224,8 @@ def main():
                 x_t = scheduler.add_noise(x0[idx], noise, t)
                 target = (scheduler.get_velocity(x0[idx], noise, t)
                           if scheduler.config.prediction_type == "v_prediction" else noise)
-                if args.cfg_training and args.guidance_scale != 1.0:
-                    # unet_output doubles the batch ([uncond, cond]); the per-row timesteps must double too.
-                    pred = common.unet_output(pipe.unet, x_t, torch.cat([t, t]), conds[idx], uncond,
-                                              args.guidance_scale)
-                else:
-                    pred = common.unet_output(pipe.unet, x_t, t, conds[idx])
+                pred = common.unet_output(pipe.unet, x_t, t, conds[idx], uncond if args.cfg_training else None,
+                                          args.guidance_scale)
                 loss = weighted_denoising_loss(pred, target, weights[idx])
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
