@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPModel, CLIPTokenizer
+
+from toyworld import world
+from toyworld.train import zero_shot_accuracy
+
+CLIP_DIR = world.__file__.rsplit("/", 1)[0] + "/clip"
+
+
+def classify(image):
+    """(colour, shape, background) of one image (3,H,W) in [0,1] from its pixels alone (not the toy CLIP)."""
+    corners = torch.cat([image[:, :2, :2], image[:, :2, -2:], image[:, -2:, :2], image[:, -2:, -2:]], dim=1)
+    background = "white" if corners.mean() > 0.5 else "black"
+    mask = (image - torch.tensor(world.BACKGROUNDS[background]).view(3, 1, 1)).abs().amax(dim=0) > 0.35
+    if mask.sum() < 4:
+        return None, None, background
+    mean = image[:, mask].mean(dim=1)
+    colour = min(world.COLOURS, key=lambda c: ((torch.tensor(world.COLOURS[c]) - mean) ** 2).sum().item())
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    height = ys.max() - ys.min()
+    upper, lower = mask[ys.min() + height // 4].sum(), mask[ys.max() - height // 4].sum()  # row widths
+    shape = "square" if fill > 0.88 else "triangle" if upper < 0.6 * lower else "circle"
+    return colour, shape, background
+
+
+def test_drawings_match_their_captions_pixel_for_pixel():
+    rng = np.random.default_rng(0)
+    for k in world.all_combinations() * 4:
+        image = torch.from_numpy(world.draw(*k, rng))
+        assert image.shape == (3, world.SIZE, world.SIZE) and 0 <= image.min() and image.max() <= 1
+        assert classify(image) == k
+
+
+def test_held_out_combinations_are_only_in_the_eval_prompts():
+    train, held_out = world.prompt_sets()
+    assert len(train) + len(held_out) == len(world.all_combinations()) and not set(train) & set(held_out)
+    assert held_out == [world.caption(*k) for k in world.HELD_OUT]
+
+
+def test_tokenizer_has_one_token_per_word():
+    tokenizer = world.build_tokenizer()
+    ids = tokenizer("a yellow triangle on a black background").input_ids
+    assert len(ids) == 7 + 2  # bos, seven words, eos
+    assert tokenizer.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in "a yellow triangle on a black background".split()]
+
+
+def test_toy_clip_zero_shot_accuracy_on_new_drawings():
+    model = CLIPModel.from_pretrained(CLIP_DIR, dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_DIR)
+    accuracy = zero_shot_accuracy(model, tokenizer, n=240, seed=2026)
+    assert min(accuracy.values()) >= 0.95, accuracy
