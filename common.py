@@ -1,8 +1,9 @@
 """Machinery shared by the seven method scripts: loading Stable Diffusion, LoRA, the DDIM step with
 log-probability, one configurable sampling rollout, decoding, prompts, evaluation and the run directory.
 
-No method's loss, estimator or gradient routing lives here: each script decides which steps carry
-gradient, what is rewarded and how the loss is built, and passes those choices to `rollout` as knobs.
+No method's loss or estimator lives here. `rollout` carries out a gradient routing but does not choose
+one: each script decides which steps carry gradient, whether the UNet input is detached and where
+sampling stops, what is rewarded and how the loss is built, and passes those choices in as knobs.
 """
 
 import json
@@ -363,6 +364,14 @@ def check_common_args(args, differentiable: bool):
         fail(f"--resolution must be a positive multiple of 8, or 0 for the model's own size (got {args.resolution})")
     if args.lr <= 0:
         fail(f"--lr must be positive (got {args.lr})")
+    if getattr(args, "grad_clip", 1.0) <= 0:
+        fail(f"--grad-clip must be positive (got {args.grad_clip})")
+    if getattr(args, "weight_decay", 0.0) < 0:
+        fail(f"--weight-decay must be non-negative (got {args.weight_decay})")
+    if args.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        fail(f"--dtype must be auto, fp32, bf16 or fp16 (got {args.dtype})")
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+        fail(f"--device must be auto, cpu, cuda or cuda:N (got {args.device})")
     if args.eval_every < 0:
         fail(f"--eval-every must be 0 (start and end only) or positive (got {args.eval_every})")
     if args.run_dir and (Path(args.run_dir) / "metrics.jsonl").exists():

@@ -410,7 +410,7 @@ def main():
         if it == args.iters - 1:
             row |= evaluate(it + 1)  # the final model, after the last update
         log.log(row)
-    common.save_lora(pipe.unet, log.dir)
+    common.save_lora(pipe.unet, log.dir, optimizer, {"iter": args.iters, "samples_seen": samples_seen})
     log.close("d3po")
 
 

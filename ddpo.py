@@ -87,7 +87,7 @@ class Args:
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
-    """output folder; default runs/ddpo__<reward>__<seed>__<time>"""
+    """output folder; default runs/ddpo_<estimator>__<reward>__<seed>__<time>"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
@@ -107,6 +107,9 @@ def check_args(args: Args):
     if not 0 < args.eta <= 1:
         common.fail(f"--eta must be in (0, 1]: at eta = 0 the DDIM step is deterministic and its log-prob "
                     f"is undefined (got {args.eta})")
+    if not args.cfg_training and args.guidance_scale != 1.0:
+        common.fail("--no-cfg-training with guidance would re-score with another policy than the one that sampled "
+                    "(the ratio is not 1); use --guidance-scale 1.0 with it, or keep CFG training (appendix G.1)")
     if args.clip_range <= 0:
         common.fail(f"--clip-range must be positive (got {args.clip_range})")
     if not 0 < args.timestep_fraction <= 1:
@@ -269,8 +272,8 @@ def main():
                     # Before the round's first update the policy is the sampling policy: the ratio must be 1.
                     # If not, re-scoring differs from sampling (precision, batching) and eq. 4 is wrong.
                     if not first_update_done and (ratio - 1).abs().max() > args.ratio_tol:
-                        sys.exit(f"error: importance ratio {ratio.tolist()} before the first update differs "
-                                 f"from 1 by more than --ratio-tol {args.ratio_tol}: re-scoring does not reproduce "
+                        sys.exit(f"error: importance ratio off by {(ratio - 1).abs().max().item():.2e} before the first update, "
+                                 f"more than --ratio-tol {args.ratio_tol}: re-scoring does not reproduce "
                                  "sampling (try --dtype fp32)")
                     delta = log_prob.detach() - log_probs[idx, k]
                     stats["loss"].append(loss.mean().item())

@@ -151,7 +151,8 @@ def main():
             images = common.decode(pipe.vae, out.output, checkpoint=args.vae_checkpoint)
             reward = reward_fn(images, batch)
             loss = -reward.mean() / args.grad_accum  # line 23: ascend the reward of the x0 prediction
-            loss.backward()
+            if loss.requires_grad:  # all trained steps may lie below t_min (e.g. K = 1): then no gradient
+                loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

@@ -35,11 +35,11 @@ import rewards
 
 # (phi, lambda) per reward when --phi / --lam are not given. The original phi = 2, lambda = 1e-3 suit
 # ImageReward, a normalised score (about N(0, 1) on real images) with large gradients. For our rewards phi
-# is the best achievable value, so the ReLU never cuts the gradient and the loss is lambda * (phi - r),
+# is at or above the best achievable value (colourfulness stays below ~470), so the ReLU never cuts the gradient and the loss is lambda * (phi - r),
 # plain reward ascent; lambda = 1 because Adam's update stalls once gradients approach its eps (1e-8):
 # brightness gradients times 1e-3 are about 1e-8 per LoRA weight on the embedded model.
 REWARD_DEFAULTS = {"brightness": (1.0, 1.0), "symmetry": (0.0, 1.0), "compression": (0.0, 1.0),
-                   "colorfulness": (150.0, 1.0)}
+                   "colorfulness": (500.0, 1.0)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 

@@ -161,6 +161,10 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     ({"estimator": "sf", "updates_per_round": 4}, "--estimator sf"),
     ({"estimator": "sf", "inner_epochs": 2}, "--estimator sf"),
     ({"estimator": "ppo"}, "--estimator"),
+    ({"cfg_training": False}, "--no-cfg-training"),  # guided sampling, unguided re-scoring: ratio != 1
+    ({"grad_clip": -1.0}, "--grad-clip"),
+    ({"dtype": "fp8"}, "--dtype"),
+    ({"device": "gpu"}, "--device"),
 ])
 def test_bad_input_is_one_line_before_any_work(overrides, needle, tmp_path, capsys):
     args = ddpo.Args(**overrides, run_dir=str(tmp_path / "run"))

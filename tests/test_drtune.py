@@ -71,6 +71,8 @@ def test_drtune_gradient_routing_on_the_real_rollout(pipe):
     (["--m", "20"], "--m"),
     (["--resolution", "30"], "--resolution"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--grad-clip", "-0.1"], "--grad-clip"),
+    (["--weight-decay", "-1"], "--weight-decay"),
     (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--model", "some-org/uncached-model"], "some-org/uncached-model"),
@@ -80,6 +82,8 @@ def test_bad_input_is_one_line_before_any_work(flags, needle, tmp_path, capsys):
                        | {"run_dir": str(tmp_path / "run")})
     for field in ("K", "m", "resolution", "batch_size"):
         setattr(args, field, int(getattr(args, field)))
+    for field in ("grad_clip", "weight_decay"):
+        setattr(args, field, float(getattr(args, field)))
     with pytest.raises(SystemExit) as exit_info:
         drtune.check_args(args)
     assert exit_info.value.code != 0
@@ -126,3 +130,16 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path, e
     x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a cat"])
     with torch.no_grad():
         assert not torch.allclose(base.unet(x, 500, cond).sample, tuned.unet(x, 500, cond).sample)
+
+
+def test_iterations_whose_trained_steps_all_lie_below_t_min_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """With K = 1 and m > 1 the one trained step is often never reached (Alg. 1 stops first)."""
+    from gradient_family import TINY, run_main
+
+    trace, rows = run_main(drtune, [*TINY, "--num-steps", "6", "--K", "1", "--m", "5",
+                                    "--iters", "6", "--eval-size", "2", "--eval-every", "0", "--seed", "1"], monkeypatch, tmp_path / "run")
+    assert [r["iter"] for r in rows] == list(range(6))
+    reached = [min(r["trained_steps"]) <= 6 - r["t_min"] for r in rows]
+    assert any(reached) and not all(reached)  # both kinds of iteration happened in this seeded run
+    segments = [calls for calls, _ in trace.training_segments()]
+    assert len(segments) == sum(reached)  # a reward with gradient exactly when a trained step was reached
