@@ -52,3 +52,17 @@ def test_toy_clip_zero_shot_accuracy_on_new_drawings():
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_DIR)
     accuracy = zero_shot_accuracy(model, tokenizer, n=240, seed=2026)
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_toy_stable_diffusion_draws_what_the_prompt_says():
+    """~100 samples over the caption grammar (fixed noise), checked by the pixel classifier above."""
+    import common
+    from rewards import brightness
+
+    pipe = common.load_pipeline(world.__file__.rsplit("/", 1)[0] + "/sd")
+    combos = world.all_combinations() * 4
+    _, images = common.evaluate(pipe, [world.caption(*k) for k in combos], brightness, num_steps=30,
+                                guidance_scale=5.0, resolution=world.SIZE, batch_size=32)
+    hits = torch.tensor([[a == b for a, b in zip(classify(image), k)] for k, image in zip(combos, images)]).float()
+    colour, shape, background = hits.mean(dim=0).tolist()
+    assert background >= 0.95 and colour >= 0.95 and shape >= 0.90, (colour, shape, background)
