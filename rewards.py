@@ -7,7 +7,6 @@ need that; the RL methods call any of them under no_grad).
 import io
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 
