@@ -1,14 +1,22 @@
 """Reward functions: images (N,3,H,W) float in [0,1] and prompts list[str] -> tensor (N,), higher is better.
 
 `REWARDS` at the bottom names each one and says whether it is differentiable (the gradient methods
-need that; the RL methods call any of them under no_grad).
+need that; the RL methods call any of them under no_grad). The CLIP-based ones also take `clip_model`
+(a hub id or local folder; scripts pass `--clip-model`) and symmetry takes `clip_weight`.
 """
 
 import io
 import math
+from functools import lru_cache
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+TOY_CLIP = str(Path(__file__).resolve().parent / "toyworld" / "clip")  # the toy world's CLIP (default)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _to_uint8(images):
@@ -35,13 +43,75 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_size_kb(images)
 
 
-def symmetry(images, prompts):
-    """DRTune eq. 6, negated: -mean|I - flip(I)| / std(I) per image, horizontal mirror (0 is symmetric).
+# --- CLIP: one differentiable preprocessing shared by every CLIP-based reward --------------------------
+
+
+@lru_cache(maxsize=4)
+def load_clip(name: str, device: str = "cpu"):
+    """A transformers CLIPModel (hub id or local folder), its tokenizer and preprocessing constants; frozen fp32."""
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = CLIPModel.from_pretrained(name, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:  # the mean/std of its preprocessor_config.json (the config only: no torchvision needed)
+        config = ImageProcessingMixin.get_image_processor_dict(name)[0]
+    except OSError:
+        config = {}
+    mean, std = config.get("image_mean", OPENAI_CLIP_MEAN), config.get("image_std", OPENAI_CLIP_STD)
+    return model, tokenizer, (model.config.vision_config.image_size, tuple(mean), tuple(std))
+
+
+def clip_preprocess(images, size: int, mean, std, mode: str = "bicubic", antialias: bool = True):
+    """CLIPImageProcessor, differentiably: short side to `size`, center crop, normalise.
+
+    Bicubic with antialiasing is the closest to the PIL resize of the real processor
+    (../shared/reference/rewards.md section 0.2); `mode`/`antialias` can match other recipes exactly.
+    """
+    h, w = images.shape[-2:]
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        h, w = max(size, round(h * scale)), max(size, round(w * scale))
+        images = F.interpolate(images, size=(h, w), mode=mode, antialias=antialias, align_corners=False)
+    top, left = (h - size) // 2, (w - size) // 2
+    images = images[..., top:top + size, left:left + size]
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def _projected(output):  # transformers 5 returns an output object (projection in pooler_output), 4.x a tensor
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def clipscore(images, prompts, clip_model: str = TOY_CLIP):
+    """CLIPScore (Hessel et al. 2021) without its clamp at 0, so it has a gradient: 100 * cos(image, text)."""
+    model, tokenizer, (size, mean, std) = load_clip(clip_model, str(images.device))
+    ids = tokenizer(list(prompts), padding=True, truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids.to(images.device)
+    text = _projected(model.get_text_features(input_ids=ids))
+    image = _projected(model.get_image_features(pixel_values=clip_preprocess(images, size, mean, std)))
+    return 100 * F.cosine_similarity(image, text.detach(), dim=-1)
+
+
+def asymmetry(images):
+    """DRTune eq. 6: mean|I - flip(I)| / std(I) per image, horizontal mirror (0 is symmetric).
 
     Dividing by the image's std stops the flat-image hack (a constant image is trivially symmetric).
     """
-    asymmetry = (images - images.flip(-1)).abs().mean(dim=(1, 2, 3))
-    return -asymmetry / (images.std(dim=(1, 2, 3)) + 1e-6)
+    return (images - images.flip(-1)).abs().mean(dim=(1, 2, 3)) / (images.std(dim=(1, 2, 3)) + 1e-6)
+
+
+def symmetry(images, prompts, clip_weight: float = 0.0, clip_model: str = TOY_CLIP):
+    """DRTune section 4.1: minus the asymmetry of eq. 6, plus `clip_weight` x CLIPScore, the regulariser
+    that keeps the picture on the prompt (without it the model draws one large symmetric blob).
+    clip_weight 0 is eq. 6 alone."""
+    reward = -asymmetry(images)
+    if clip_weight:
+        reward = reward + clip_weight * clipscore(images, prompts, clip_model)
+    return reward
 
 
 # --- A differentiable JPEG codec for DRTune eq. 7 (colour transform, 8x8 DCT, quantisation) ----------
@@ -115,6 +185,7 @@ REWARDS = {
     "jpeg_compressibility": (jpeg_compressibility, False),
     "jpeg_incompressibility": (jpeg_incompressibility, False),
     "symmetry": (symmetry, True),
+    "clipscore": (clipscore, True),
     "compression": (compression, True),
     "brightness": (brightness, True),
     "colorfulness": (colorfulness, True),
