@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -9,21 +8,7 @@ from toyworld.train import zero_shot_accuracy
 CLIP_DIR = world.__file__.rsplit("/", 1)[0] + "/clip"
 
 
-def classify(image):
-    """(colour, shape, background) of one image (3,H,W) in [0,1] from its pixels alone (not the toy CLIP)."""
-    corners = torch.cat([image[:, :2, :2], image[:, :2, -2:], image[:, -2:, :2], image[:, -2:, -2:]], dim=1)
-    background = "white" if corners.mean() > 0.5 else "black"
-    mask = (image - torch.tensor(world.BACKGROUNDS[background]).view(3, 1, 1)).abs().amax(dim=0) > 0.35
-    if mask.sum() < 4:
-        return None, None, background
-    mean = image[:, mask].mean(dim=1)
-    colour = min(world.COLOURS, key=lambda c: ((torch.tensor(world.COLOURS[c]) - mean) ** 2).sum().item())
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    height = ys.max() - ys.min()
-    upper, lower = mask[ys.min() + height // 4].sum(), mask[ys.max() - height // 4].sum()  # row widths
-    shape = "square" if fill > 0.88 else "triangle" if upper < 0.6 * lower else "circle"
-    return colour, shape, background
+classify = world.classify
 
 
 def test_drawings_match_their_captions_pixel_for_pixel():

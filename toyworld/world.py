@@ -63,6 +63,34 @@ def sample_batch(n: int, rng: np.random.Generator, combinations=None):
     return images, [caption(*k) for k in picks]
 
 
+def classify(image):
+    """(colour, shape, background) of one image (3,H,W) in [0,1], read from its pixels alone (no model).
+
+    Background from the corners; the shape is the set of pixels far from the background colour; its colour
+    the nearest of COLOURS to their mean; square if it fills its bounding box, triangle if its row a quarter
+    from the top is much narrower than the row a quarter from the bottom, else circle.
+    """
+    corners = torch.cat([image[:, :2, :2], image[:, :2, -2:], image[:, -2:, :2], image[:, -2:, -2:]], dim=1)
+    background = "white" if corners.mean() > 0.5 else "black"
+    mask = (image - torch.tensor(BACKGROUNDS[background]).view(3, 1, 1)).abs().amax(dim=0) > 0.35
+    if mask.sum() < 4:
+        return None, None, background
+    mean = image[:, mask].mean(dim=1)
+    colour = min(COLOURS, key=lambda c: ((torch.tensor(COLOURS[c]) - mean) ** 2).sum().item())
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    height = ys.max() - ys.min()
+    upper, lower = mask[ys.min() + height // 4].sum(), mask[ys.max() - height // 4].sum()  # row widths
+    shape = "square" if fill > 0.88 else "triangle" if upper < 0.6 * lower else "circle"
+    return colour, shape, background
+
+
+def parse(caption_text: str):
+    """The (colour, shape, background) a caption of the grammar asks for."""
+    words = caption_text.split()
+    return words[1], words[2], words[5]
+
+
 def build_tokenizer():
     """A CLIPTokenizer whose BPE merges spell out exactly the grammar's words (plus single letters)."""
     from transformers import CLIPTokenizer
