@@ -8,7 +8,7 @@ call checkpointed so memory does not grow with the number of trained steps.
   --truncation uniform:  k ~ randint(1, T - 1)  (DRTune Alg. 1 line 2: {i}_{i >= randint(1, T)})
   --truncation fixed:    k = T - 1, only the last step (the paper's K = 1, for low memory)
 
-Quick run on the embedded tiny model (CPU, minutes):
+Quick run on the toy world (CPU, minutes):
     python alignprop.py --reward brightness
 The paper's settings on Stable Diffusion 1.5 (a GPU; batch 128 = 4 GPUs x 4 x 8 accumulated):
     python alignprop.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward symmetry \
@@ -23,19 +23,22 @@ import torch
 import tyro
 
 import common
-import rewards
 
 TRUNCATIONS = ("gaussian", "uniform", "fixed")
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "symmetry"
     """reward name from rewards.py (must be differentiable)"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 10
     """T: DDIM sampling steps (paper: 50)"""
     guidance_scale: float = 7.5
@@ -130,8 +133,8 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps

@@ -32,7 +32,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-# The default `--model` of every script, kept in this one place: a tiny Stable Diffusion built offline.
+# The default `--model` of every script, kept in this one place: the toy world's trained Stable Diffusion
+# (toyworld/: 32x32 coloured shapes, text encoder = the toy CLIP's text tower; committed, 4.8 MB).
+TOY_MODEL = "toy"
+TOY_MODEL_DIR = Path(__file__).resolve().parent / "toyworld" / "sd"
+# A random-weight tiny Stable Diffusion built offline in a second: the mechanics without meaning (tests).
 EMBEDDED_MODEL = "embedded-tiny-sd"
 EMBEDDED_RESOLUTION = 32  # the embedded model's native image size (VAE factor 2 -> 16x16 latents)
 PROMPT_SETS = {p.stem: p for p in sorted((Path(__file__).parent / "prompts").glob("*.txt"))}
@@ -99,29 +103,60 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model(model: str) -> str:
-    """Check `--model` without loading it: a local directory, a cached or reachable hub id, or the embedded one."""
-    if model == EMBEDDED_MODEL:
-        return model
-    path = Path(model).expanduser()
+def resolve_pretrained(name: str, flag: str, marker: str, what: str, example: str) -> str:
+    """Check a pretrained-model flag without loading: a local folder holding `marker`, or a hub id that is
+    cached or reachable. Returns what `from_pretrained` should be given."""
+    path = Path(name).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            fail(f"--model {model}: no model_index.json there; expected a diffusers Stable Diffusion folder "
-                 "(StableDiffusionPipeline.save_pretrained or a hub snapshot)")
+        if not (path / marker).is_file():
+            fail(f"{flag} {name}: no {marker} there; expected {what}")
         return str(path)
-    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
-        fail(f"--model {model}: no such directory; pass a diffusers Stable Diffusion folder or a hub id "
-             f"such as stable-diffusion-v1-5/stable-diffusion-v1-5 (default: {EMBEDDED_MODEL})")
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        fail(f"{flag} {name}: no such directory; pass {what} or a hub id such as {example}")
     from huggingface_hub import snapshot_download
 
     try:  # already in the local Hugging Face cache?
-        return snapshot_download(model, local_files_only=True)
+        return snapshot_download(name, local_files_only=True)
     except Exception:
         pass
     if not _hub_reachable():
-        fail(f"--model {model}: not in the local Hugging Face cache and the Hub cannot be reached; download it "
-             f"where there is network (`hf download {model}`) or pass its local directory")
-    return model
+        fail(f"{flag} {name}: not in the local Hugging Face cache and the Hub cannot be reached; download it "
+             f"where there is network (`hf download {name}`) or pass its local directory")
+    return name
+
+
+def resolve_model(model: str) -> str:
+    """Check `--model` without loading it: the toy model, the embedded one, a local folder or a hub id."""
+    if model == EMBEDDED_MODEL:
+        return model
+    if model == TOY_MODEL:
+        return str(TOY_MODEL_DIR)
+    return resolve_pretrained(model, "--model", "model_index.json",
+                              "a diffusers Stable Diffusion folder (StableDiffusionPipeline.save_pretrained or a "
+                              f"hub snapshot; default: {TOY_MODEL})", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def resolve_clip(name: str) -> str:
+    """Check `--clip-model`: `toy` (the toy world's CLIP), a local CLIPModel folder or a hub id."""
+    import rewards
+
+    if name == TOY_MODEL:
+        return rewards.TOY_CLIP
+    return resolve_pretrained(name, "--clip-model", "config.json", "a transformers CLIPModel folder",
+                              "openai/clip-vit-large-patch14")
+
+
+def reward_function(args):
+    """The `--reward` function with the CLIP flags bound where it takes them."""
+    import functools
+    import inspect
+
+    import rewards
+
+    fn = rewards.REWARDS[args.reward][0]
+    options = {"clip_model": resolve_clip(args.clip_model), "clip_weight": args.clip_weight}
+    taken = inspect.signature(fn).parameters
+    return functools.partial(fn, **{k: v for k, v in options.items() if k in taken})
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -342,8 +377,11 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def eval_prompts(prompts: list[str], n: int) -> list[str]:
-    """A fixed, evenly spread subset of the prompt set (cycled when the set is smaller than n)."""
+def eval_prompts(spec: str, prompts: list[str], n: int) -> list[str]:
+    """n fixed evaluation prompts: the set's held-out companion `<set>_eval` if there is one (toy ->
+    toy_eval), else an evenly spread subset of the training prompts; cycled when there are fewer than n."""
+    if f"{spec}_eval" in PROMPT_SETS:
+        prompts = load_prompts(f"{spec}_eval")
     return [prompts[(i * len(prompts)) // n % len(prompts)] if n <= len(prompts) else prompts[i % len(prompts)]
             for i in range(n)]
 
@@ -374,6 +412,12 @@ def check_common_args(args, differentiable: bool):
         fail(f"--device must be auto, cpu, cuda or cuda:N (got {args.device})")
     if args.eval_every < 0:
         fail(f"--eval-every must be 0 (start and end only) or positive (got {args.eval_every})")
+    if args.eval_size < 2:
+        fail(f"--eval-size must be at least 2 (the eval reward's std needs two images; got {args.eval_size})")
+    if args.clip_weight < 0:
+        fail(f"--clip-weight must be non-negative (got {args.clip_weight})")
+    if args.reward == "clipscore" or (args.reward == "symmetry" and args.clip_weight > 0):
+        resolve_clip(args.clip_model)
     if args.run_dir and (Path(args.run_dir) / "metrics.jsonl").exists():
         fail(f"--run-dir {args.run_dir} already holds a run (metrics.jsonl); choose another directory")
     resolve_model(args.model)
@@ -416,7 +460,7 @@ def evaluate(pipe, prompts, reward_fn, *, num_steps, guidance_scale, resolution,
         cond = encode_prompts(pipe, chunk)
         x_T = initial_latents(pipe, len(chunk), resolution, generator=generator)
         out = rollout(pipe, cond, uncond_one.expand(len(chunk), -1, -1), x_T, num_steps=num_steps,
-                      guidance_scale=guidance_scale, eta=0.0).output
+                      guidance_scale=guidance_scale, eta=0.0, generator=generator).output
         image = decode(pipe.vae, out)
         rewards.append(reward_fn(image, chunk).float().cpu())
         images.append(image.cpu())

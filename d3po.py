@@ -8,7 +8,7 @@ DPO without a reward model, applied to every step of the denoising chain:
   3. for every timestep and every pair (winner w, loser l), minimise eq. 14:
          -log sigmoid(beta * (log pi_theta/pi_ref (a_w | s_w) - log pi_theta/pi_ref (a_l | s_l))).
 
-Quick run on the embedded tiny model (CPU, minutes):
+Quick run on the toy world (CPU, minutes):
     python d3po.py --reward jpeg_compressibility
 Learning from people (see the README): sample, label in the browser, train on the labels:
     python d3po.py --feedback human --phase sample --run-dir runs/round1
@@ -22,7 +22,6 @@ The paper's settings on Stable Diffusion 1.5 (a GPU):
 import base64
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -37,7 +36,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import common
-import rewards
 
 LABEL_PAGE_TEMPLATE = Path(__file__).parent / "d3po_label" / "page.html"
 SAMPLES_FORMAT, LABELS_FORMAT = "d3po-samples/1", "d3po-labels/1"
@@ -47,12 +45,16 @@ SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """reward name from rewards.py: the preference oracle for --feedback reward, the eval score for both modes"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     feedback: str = "reward"
     """where preferences come from: reward (compare --reward, higher wins) or human (label files)"""
     phase: str = ""
@@ -78,7 +80,7 @@ class Args:
     iters: int = 20
     """optimizer updates"""
     lr: float = 1e-2
-    """AdamW learning rate (paper: 3e-5 at LoRA rank 4 on SD 1.5; the tiny model needs far more)"""
+    """AdamW learning rate (paper: 3e-5 at LoRA rank 4 on SD 1.5; the toy model's LoRA needs far more)"""
     weight_decay: float = 1e-4
     """AdamW weight decay (paper Table 2: 1e-4)"""
     grad_clip: float = 1.0
@@ -351,8 +353,8 @@ def main():
         return write_samples(pipe, prompts, resolution, args)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     name = args.reward if args.feedback == "reward" else "human"
     log = common.RunLog(args.run_dir or common.default_run_dir(__file__, name, args.seed), args, args.iters)
     uncond_one = common.encode_prompts(pipe, [""])

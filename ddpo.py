@@ -9,7 +9,7 @@ Denoising is a T-step MDP whose policy p_theta(x_{t-1} | x_t, c) is the Gaussian
      --estimator sf: score-function / REINFORCE, one update per round (eq. 3);
      --estimator is: importance sampling with PPO clipping, several updates per round (eq. 4, F.1).
 
-Quick run on the embedded tiny model (CPU, a few minutes):
+Quick run on the toy world (CPU, a few minutes):
     python ddpo.py --estimator is
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5; DDPO-IS: 4 updates
 of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
@@ -29,19 +29,22 @@ import torch
 import tyro
 
 import common
-import rewards
 
 
 @dataclass
 class Args:
     estimator: str = "is"
     """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """reward name from rewards.py (need not be differentiable)"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 10
     """T: DDIM sampling steps, each one an MDP step (paper: 50)"""
     guidance_scale: float = 5.0
@@ -58,10 +61,10 @@ class Args:
     """optimizer updates per inner epoch; must divide --sample-batches; 0 = 1 for sf, 2 for is (paper IS: 4)"""
     inner_epochs: int = 1
     """passes over each round's samples (is only; paper: 1)"""
-    iters: int = 15
+    iters: int = 20
     """rounds: one sampling round and its updates each"""
-    lr: float = 1e-2
-    """AdamW learning rate (paper: 1e-5 on the full UNet; the tiny model's LoRA takes far larger steps)"""
+    lr: float = 3e-3
+    """AdamW learning rate (paper: 1e-5 on the full UNet; the toy model's small LoRA takes far larger steps)"""
     weight_decay: float = 1e-4
     """AdamW weight decay (paper: 1e-4)"""
     grad_clip: float = 1.0
@@ -198,8 +201,8 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"ddpo_{args.estimator}"
     log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
     B, T = args.batch_size, args.num_steps

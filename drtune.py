@@ -7,12 +7,12 @@ Backpropagate a differentiable reward through the sampling chain, but
   2. train only K equally spaced steps with a random offset (Alg. 1 lines 5-6);
   3. stop early at a random t_min <= m and score the x0 prediction made there (lines 8, 19-21).
 
-Quick run on the embedded tiny model (CPU, minutes):
+Quick run on the toy world (CPU, about 3 minutes; symmetry with the toy CLIP as regulariser):
     python drtune.py --reward symmetry --K 5
-The paper's settings on Stable Diffusion 1.5 (a GPU; batch 32 = 8 x 4 accumulated):
+The paper's settings on Stable Diffusion 1.5 (a GPU; batch 32 = 8 x 4 accumulated; DDPM-like eta 1):
     python drtune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward symmetry \
-        --prompts my_prompts.txt --num-steps 50 --K 5 --m 20 --guidance-scale 7.5 --lora-rank 128 \
-        --lr 2e-5 --grad-clip 0.1 --batch-size 8 --grad-accum 4
+        --clip-model openai/clip-vit-large-patch14 --prompts my_prompts.txt --num-steps 50 --K 5 --m 20 \
+        --eta 1 --guidance-scale 7.5 --lora-rank 128 --lr 2e-5 --grad-clip 0.1 --batch-size 8 --grad-accum 4
 """
 
 import random
@@ -22,30 +22,33 @@ import torch
 import tyro
 
 import common
-import rewards
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "symmetry"
     """reward name from rewards.py (must be differentiable)"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.004
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone; toy CLIP scores are ~90)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 20
     """T: DDIM sampling steps (paper: 50)"""
     guidance_scale: float = 5.0
     """classifier-free guidance scale (paper: 7.5)"""
-    eta: float = 1.0
-    """DDIM noise scale; 1.0 is ancestral sampling like the paper's DDPM sampler"""
+    eta: float = 0.0
+    """DDIM noise scale (paper: DDPM, i.e. 1.0); 0 trains on the deterministic sampler the evaluation uses"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
     """images per micro-batch"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 40
+    iters: int = 60
     """optimizer updates"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 2e-5 at LoRA rank 128)"""
@@ -57,9 +60,9 @@ class Args:
     """LoRA rank on the UNet attention projections (paper: 128)"""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 = equal to the rank"""
-    K: int = 5
+    K: int = 4
     """number of trained sampling steps, equally spaced"""
-    m: int = 8
+    m: int = 3
     """early stop: t_min ~ randint(1, m) (paper: 20 at T = 50, i.e. 0.4 T)"""
     checkpoint: bool = True
     """gradient checkpointing of every differentiable UNet call"""
@@ -75,9 +78,9 @@ class Args:
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
     threads: int = 1
     """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
-    eval_every: int = 10
+    eval_every: int = 30
     """evaluate every N iterations (0 = only at the start and the end)"""
-    eval_size: int = 16
+    eval_size: int = 8
     """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
 
 
@@ -118,8 +121,8 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T, K = args.num_steps, args.K

@@ -11,7 +11,7 @@ the folder and its caption, in the Hugging Face ImageFolder layout:
     DIR/metadata.jsonl   {"file_name": "0001.png", "text": "a photo of a cat"}
     DIR/0001.png         (any format PIL reads; centre-cropped and resized to the training resolution)
 
-Quick run on the embedded tiny model (CPU, minutes):
+Quick run on the toy world (CPU, minutes):
     python refl.py --reward brightness
 The original settings on Stable Diffusion 1.4 (a GPU; LoRA here, the original tunes the full UNet with EMA;
 DDIM with eta 1 stands in for its 40-step DDPM sampler; batch 64 = 8 GPUs x 2 x 4 accumulated):
@@ -31,7 +31,6 @@ import tyro
 from PIL import Image
 
 import common
-import rewards
 
 # (phi, lambda) per reward when --phi / --lam are not given. The original phi = 2, lambda = 1e-3 suit
 # ImageReward, a normalised score (about N(0, 1) on real images) with large gradients. For our rewards phi
@@ -45,12 +44,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "symmetry"
     """reward name from rewards.py (must be differentiable)"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 20
     """T: sampling steps (original: 40 DDPM steps)"""
     guidance_scale: float = 1.0
@@ -195,8 +198,8 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps

@@ -10,7 +10,7 @@ Each iteration (a "round"):
      samples at random t, each sample's term multiplied by its weight, with the guided prediction (G.1).
 The rewards need no gradient. RWR ignores the denoising chain and sees only x_0: a one-step MDP (C.2).
 
-Quick run on the embedded tiny model (CPU, a few minutes):
+Quick run on the toy world (CPU, a few minutes):
     python rwr.py --weighting softmax
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 10k samples and 400 updates of 128 per round,
 lr 1e-5, beta 0.2 on the raw reward as in the JAX code; sparse: percentile 90; the paper tunes the whole
@@ -29,19 +29,22 @@ import torch
 import tyro
 
 import common
-import rewards
 
 
 @dataclass
 class Args:
     weighting: str = "softmax"
     """softmax: w = n * softmax(beta r) per prompt (w_RWR); sparse: keep the top of each prompt (w_sparse)"""
-    model: str = common.EMBEDDED_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder (default: the embedded tiny model)"""
+    model: str = common.TOY_MODEL
+    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """reward name from rewards.py (need not be differentiable)"""
-    prompts: str = "simple_animals"
-    """prompt set name (a file in prompts/) or a text file with one prompt per line"""
+    clip_model: str = common.TOY_MODEL
+    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
+    prompts: str = "toy"
+    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 10
     """T: DDIM sampling steps (paper: 50)"""
     guidance_scale: float = 5.0
@@ -164,8 +167,8 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.REWARDS[args.reward][0]
-    eval_set = common.eval_prompts(prompts, args.eval_size)
+    reward_fn = common.reward_function(args)
+    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"rwr_{args.weighting}"
     log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
     B, T, scheduler = args.batch_size, args.num_steps, pipe.scheduler

@@ -288,6 +288,12 @@ def test_run_log_writes_jsonl_and_refuses_to_overwrite(tmp_path, capsys):
 
 def test_eval_prompts_are_spread_and_fixed():
     prompts = [f"p{i}" for i in range(10)]
-    assert common.eval_prompts(prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
-    assert common.eval_prompts(prompts[:2], 3) == ["p0", "p1", "p0"]
-    assert common.eval_prompts(prompts, 10) == prompts
+    assert common.eval_prompts("my.txt", prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
+    assert common.eval_prompts("my.txt", prompts[:2], 3) == ["p0", "p1", "p0"]
+    assert common.eval_prompts("my.txt", prompts, 10) == prompts
+
+
+def test_toy_prompts_evaluate_on_their_held_out_companion_set():
+    train, held_out = common.load_prompts("toy"), common.load_prompts("toy_eval")
+    chosen = common.eval_prompts("toy", train, 8)
+    assert chosen == held_out * 2 and not set(chosen) & set(train)

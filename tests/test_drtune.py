@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import tyro
 from diffusers import StableDiffusionPipeline
 
 import common
 import drtune
+import rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def test_drtune_gradient_routing_on_the_real_rollout(pipe):
     cond, uncond = common.encode_prompts(pipe, ["a cat", "a dog"]), common.encode_prompts(pipe, ["", ""])
     out = common.rollout(pipe, cond, uncond, common.initial_latents(pipe, 2, 32), num_steps=T, guidance_scale=5.0,
                          eta=1.0, grad_steps=grad_steps, stop_grad_input=True, stop_step=stop_step, checkpoint=False)
-    (-drtune.rewards.symmetry(common.decode(pipe.vae, out.output), None).mean()).backward()
+    (-rewards.symmetry(common.decode(pipe.vae, out.output), None).mean()).backward()
     handle.remove()
     assert len(calls) == stop_step + 1  # early stop: no UNet call after t_min
     assert not any(c["input_grad"] for c in calls)
@@ -76,6 +78,9 @@ def test_drtune_gradient_routing_on_the_real_rollout(pipe):
     (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--model", "some-org/uncached-model"], "some-org/uncached-model"),
+    (["--clip-weight", "-1"], "--clip-weight"),
+    (["--clip-model", "/nonexistent/clip"], "/nonexistent/clip"),
+    (["--eval-size", "1"], "--eval-size"),
 ])
 def test_bad_input_is_one_line_before_any_work(flags, needle, monkeypatch, capsys, tmp_path):
     from gradient_family import expect_bad_input
@@ -90,7 +95,13 @@ def test_bad_input_from_the_command_line_creates_no_run_dir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path, embedded_dir):
+def test_clip_model_is_not_needed_when_nothing_uses_it(monkeypatch, tmp_path):
+    """--clip-model only matters for clipscore and a symmetry regulariser: with weight 0 a bad one is fine."""
+    monkeypatch.setattr(sys, "argv", ["drtune.py", "--clip-weight", "0", "--clip-model", "/nonexistent/clip"])
+    drtune.check_args(tyro.cli(drtune.Args))
+
+
+def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",
                         "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(run_dir))
@@ -115,12 +126,19 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path, e
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]  # noqa: E731
     assert strip(rows_again) == strip(rows)
 
-    base = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
-    tuned = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
+    base = StableDiffusionPipeline.from_pretrained(str(common.TOY_MODEL_DIR), dtype=torch.float32)  # the default model
+    tuned = StableDiffusionPipeline.from_pretrained(str(common.TOY_MODEL_DIR), dtype=torch.float32)
     tuned.load_lora_weights(str(run_dir))
-    x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a cat"])
+    x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a red circle on a white background"])
     with torch.no_grad():
         assert not torch.allclose(base.unet(x, 500, cond).sample, tuned.unet(x, 500, cond).sample)
+
+    # the toy world's checker loads the same LoRA and scores the samples
+    check = subprocess.run([sys.executable, str(ROOT / "toyworld" / "check.py"), "--lora", str(run_dir), "--n", "4",
+                            "--num-steps", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout.strip().splitlines()[-1])
+    assert {"asymmetry", "clipscore", "colour", "shape", "background"} <= set(report) and report["n"] == 4
 
 
 def test_iterations_whose_trained_steps_all_lie_below_t_min_are_skipped_not_fatal(tmp_path, monkeypatch):
