@@ -6,6 +6,8 @@ one: each script decides which steps carry gradient, whether the UNet input is d
 sampling stops, what is rewarded and how the loss is built, and passes those choices in as knobs.
 """
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -146,16 +148,21 @@ def resolve_clip(name: str) -> str:
                               "openai/clip-vit-large-patch14")
 
 
+def _uses_clip(fn, args) -> bool:
+    """Whether the reward will load `--clip-model`: it takes one, and its CLIP weight (if any) is not 0."""
+    taken = inspect.signature(fn).parameters
+    return "clip_model" in taken and ("clip_weight" not in taken or args.clip_weight > 0)
+
+
 def reward_function(args):
     """The `--reward` function with the CLIP flags bound where it takes them."""
-    import functools
-    import inspect
-
     import rewards
 
     fn = rewards.REWARDS[args.reward][0]
-    options = {"clip_model": resolve_clip(args.clip_model), "clip_weight": args.clip_weight}
     taken = inspect.signature(fn).parameters
+    options = {"clip_weight": args.clip_weight}
+    if _uses_clip(fn, args):
+        options["clip_model"] = resolve_clip(args.clip_model)
     return functools.partial(fn, **{k: v for k, v in options.items() if k in taken})
 
 
@@ -416,7 +423,7 @@ def check_common_args(args, differentiable: bool):
         fail(f"--eval-size must be at least 2 (the eval reward's std needs two images; got {args.eval_size})")
     if args.clip_weight < 0:
         fail(f"--clip-weight must be non-negative (got {args.clip_weight})")
-    if args.reward == "clipscore" or (args.reward == "symmetry" and args.clip_weight > 0):
+    if _uses_clip(rewards.REWARDS[args.reward][0], args):
         resolve_clip(args.clip_model)
     if args.run_dir and (Path(args.run_dir) / "metrics.jsonl").exists():
         fail(f"--run-dir {args.run_dir} already holds a run (metrics.jsonl); choose another directory")

@@ -98,7 +98,10 @@ def test_bad_input_from_the_command_line_creates_no_run_dir(tmp_path):
 def test_clip_model_is_not_needed_when_nothing_uses_it(monkeypatch, tmp_path):
     """--clip-model only matters for clipscore and a symmetry regulariser: with weight 0 a bad one is fine."""
     monkeypatch.setattr(sys, "argv", ["drtune.py", "--clip-weight", "0", "--clip-model", "/nonexistent/clip"])
-    drtune.check_args(tyro.cli(drtune.Args))
+    args = tyro.cli(drtune.Args)
+    drtune.check_args(args)
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(common.reward_function(args)(images, ["a", "b"]), -rewards.asymmetry(images))
 
 
 def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
