@@ -71,9 +71,10 @@ def test_clipscore_prefers_the_true_caption_and_is_100_cos():
     from toyworld import world
 
     images, prompts = _toy_drawings(12)
-    right = rewards.clipscore(images, prompts)
-    wrong = rewards.clipscore(images, [world.caption("green", "triangle", "white") if "green" not in p or "triangle"
-                                        not in p else world.caption("red", "square", "black") for p in prompts])
+    colours = list(world.COLOURS)
+    recoloured = [world.caption(colours[(colours.index(c) + 1) % len(colours)], s, b)  # same picture, next colour
+                  for c, s, b in map(world.parse, prompts)]
+    right, wrong = rewards.clipscore(images, prompts), rewards.clipscore(images, recoloured)
     assert (right > wrong).float().mean() >= 0.9 and right.mean() > wrong.mean() + 20
     assert (right.abs() <= 100 + 1e-3).all() and (wrong.abs() <= 100 + 1e-3).all()
 

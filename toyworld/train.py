@@ -19,10 +19,9 @@ import tyro
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from rewards import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD  # noqa: E402
+from rewards import _projected as features, clip_preprocess  # noqa: E402
 from toyworld import world  # noqa: E402
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -55,18 +54,13 @@ def clip_model(tokenizer):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
-def normalise(images):
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+def normalise(images):  # the clipscore reward's preprocessing, so the toy CLIP is trained as it is used
+    return clip_preprocess(images, world.SIZE, CLIP_MEAN, CLIP_STD)
 
 
 def tokens(tokenizer, captions):
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
-
-
-def features(output):  # transformers 5 returns an output object, 4.x a tensor
-    return output if torch.is_tensor(output) else output.pooler_output
 
 
 @torch.no_grad()
