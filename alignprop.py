@@ -60,9 +60,12 @@ class Args:
     grad_clip: float = 5.0
     """gradient-norm clip (paper-era code: 5.0; the 2024 code: 1.0)"""
     lora_rank: int = 4
-    """LoRA rank on the UNet attention projections (paper: 4)"""
+    """LoRA rank (paper: 4)"""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 = equal to the rank"""
+    lora_targets: str = common.LORA_TARGETS
+    """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
+    to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
     truncation: str = "gaussian"
     """where backpropagation is truncated, drawn once per trajectory: gaussian, uniform or fixed (K = 1)"""
     loss_coeff: float = 0.01
@@ -79,8 +82,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 1
-    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
+    threads: int = 2
+    """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 10
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
@@ -131,7 +134,7 @@ def main():
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = common.reward_function(args)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)

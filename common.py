@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
@@ -43,7 +42,9 @@ EMBEDDED_MODEL = "embedded-tiny-sd"
 EMBEDDED_RESOLUTION = 32  # the embedded model's native image size (VAE factor 2 -> 16x16 latents)
 PROMPT_SETS = {p.stem: p for p in sorted((Path(__file__).parent / "prompts").glob("*.txt"))}
 EVAL_SEED = 1234  # eval noise is fixed across methods and training seeds, so runs compare like for like
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Attention projections (what the public implementations train) and the ResNet 3x3 convolutions: the toy
+# UNet has no attention at full latent resolution, and without the convs LoRA can hardly move a shape.
+LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"
 diffusers_logging.disable_progress_bar()
 
 
@@ -187,13 +188,18 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     return pipe.to(device)
 
 
-def add_lora(unet, rank: int, alpha: float | None = None):
-    """LoRA on the attention projections; returns the trainable parameters (kept in fp32).
-
-    The reference policy is the same UNet under `unet.disable_adapters()`: no second copy.
+def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS):
+    """LoRA on the UNet layers whose names end in one of `targets` (comma-separated); returns the trainable
+    parameters (kept in fp32). The reference policy is the same UNet under `unet.disable_adapters()`: no copy.
     """
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    layers = [n for n, _ in unet.named_modules()]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in layers)]
+    if not names or missing:
+        fail(f"--lora-targets {targets!r}: no UNet layer named {', '.join(missing) or '(empty)'} "
+             f"(e.g. {LORA_TARGETS})")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                        target_modules=LORA_TARGETS)
+                        target_modules=names)
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -204,7 +210,7 @@ def add_lora(unet, rank: int, alpha: float | None = None):
 def save_lora(unet, run_dir, optimizer=None, state: dict | None = None):
     """Write `pytorch_lora_weights.safetensors` so `pipe.load_lora_weights(run_dir)` loads it; with an
     optimizer and a state dict (iteration, samples seen), also what a resume needs."""
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    lora = get_peft_model_state_dict(unet)  # PEFT key names: diffusers loads them for every module kind
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # write aside, then swap in: never half-written
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
         names = ["pytorch_lora_weights.safetensors"]
@@ -224,13 +230,19 @@ def encode_prompts(pipe, prompts: list[str]):
 
 
 def decode(vae, latents, checkpoint: bool = False):
-    """Latents -> images (N,3,H,W) in [0,1], float32, differentiable (optionally checkpointed)."""
+    """Latents -> images (N,3,H,W) in [0,1], float32, differentiable (optionally checkpointed).
+
+    The clamp to [0,1] passes its gradient straight through: a plain clamp has zero gradient on saturated
+    pixels (the toy world's white and black backgrounds), so a reward could push a picture into saturation
+    and nothing, not even the CLIP regulariser, could pull it back.
+    """
     z = latents.to(vae.dtype) / vae.config.scaling_factor
     if checkpoint and torch.is_grad_enabled():
         images = torch.utils.checkpoint.checkpoint(lambda z: vae.decode(z).sample, z, use_reentrant=False)
     else:
         images = vae.decode(z).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    images = images.float() / 2 + 0.5
+    return images + (images.clamp(0, 1) - images).detach()  # forward: clamp; backward: identity
 
 
 @torch.no_grad()

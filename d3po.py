@@ -90,9 +90,12 @@ class Args:
     clamp_eps: float = 0.1
     """official code, not in the paper: clamp pi_theta/pi_ref to [1-eps, 1+eps] (0 = no clamp)"""
     lora_rank: int = 8
-    """LoRA rank on the UNet attention projections (official code: 4)"""
+    """LoRA rank (official code: 4)"""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 = equal to the rank"""
+    lora_targets: str = common.LORA_TARGETS
+    """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
+    to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
@@ -101,8 +104,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 1
-    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
+    threads: int = 2
+    """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 5
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
@@ -351,7 +354,7 @@ def main():
     resolution = args.resolution or common.native_resolution(pipe)
     if args.phase == "sample":
         return write_samples(pipe, prompts, resolution, args)
-    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = common.reward_function(args)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)

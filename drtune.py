@@ -32,8 +32,9 @@ class Args:
     """reward name from rewards.py (must be differentiable)"""
     clip_model: str = common.TOY_MODEL
     """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
-    clip_weight: float = 0.004
-    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone; toy CLIP scores are ~90)"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone; toy CLIP scores are ~90, ~25
+    for a picture without the prompted shape)"""
     prompts: str = "toy"
     """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
     num_steps: int = 20
@@ -48,7 +49,7 @@ class Args:
     """images per micro-batch"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 60
+    iters: int = 70
     """optimizer updates"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 2e-5 at LoRA rank 128)"""
@@ -57,11 +58,14 @@ class Args:
     grad_clip: float = 0.1
     """gradient-norm clip (paper: 0.1)"""
     lora_rank: int = 8
-    """LoRA rank on the UNet attention projections (paper: 128)"""
+    """LoRA rank (paper: 128)"""
     lora_alpha: float = 0.0
     """LoRA alpha; 0 = equal to the rank"""
-    K: int = 4
-    """number of trained sampling steps, equally spaced"""
+    lora_targets: str = common.LORA_TARGETS
+    """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
+    to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
+    K: int = 5
+    """number of trained sampling steps, equally spaced (paper: 5)"""
     m: int = 3
     """early stop: t_min ~ randint(1, m) (paper: 20 at T = 50, i.e. 0.4 T)"""
     checkpoint: bool = True
@@ -76,9 +80,9 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 1
-    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
-    eval_every: int = 30
+    threads: int = 2
+    """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
+    eval_every: int = 35
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 8
     """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
@@ -119,7 +123,7 @@ def main():
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = common.reward_function(args)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)

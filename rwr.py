@@ -72,7 +72,10 @@ class Args:
     grad_clip: float = 1.0
     """gradient-norm clip (paper: 1.0)"""
     lora_rank: int = 4
-    """LoRA rank on the UNet attention projections"""
+    """LoRA rank"""
+    lora_targets: str = common.LORA_TARGETS
+    """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
+    to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
     beta: float = 1.0
     """inverse temperature of the softmax weights (paper: 0.2 on the raw reward)"""
     normalize: bool = True
@@ -89,8 +92,8 @@ class Args:
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 1
-    """CPU threads for torch (0 = torch's default); on a small or shared CPU one thread is the fastest"""
+    threads: int = 2
+    """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 4
     """evaluate every N iterations (0 = only at the start and the end)"""
     eval_size: int = 16
@@ -165,7 +168,7 @@ def main():
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank)
+    params = common.add_lora(pipe.unet, args.lora_rank, targets=args.lora_targets)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = common.reward_function(args)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)

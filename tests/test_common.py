@@ -179,6 +179,18 @@ def test_decode_gives_images_in_unit_range_with_gradient(pipe):
     assert latents.grad.abs().sum() > 0
 
 
+def test_decode_clamps_but_saturated_pixels_still_pass_gradient(pipe):
+    latents = (50 * torch.randn(1, 4, 16, 16)).requires_grad_(True)
+    raw = pipe.vae.decode(latents.detach() / pipe.vae.config.scaling_factor).sample / 2 + 0.5
+    saturated = (raw < 0) | (raw > 1)
+    assert saturated.any()
+    images = common.decode(pipe.vae, latents)
+    assert torch.equal(images.detach(), raw.clamp(0, 1))
+    # a plain clamp would give exactly zero here: nothing could pull a saturated pixel back
+    (images * saturated).sum().backward()
+    assert latents.grad.abs().sum() > 0
+
+
 # --- loading, LoRA, saving --------------------------------------------------------------------------
 
 
@@ -216,7 +228,7 @@ def test_lora_trainable_fp32_frozen_in_run_dtype_and_reference_is_adapters_disab
     assert all(p.dtype == torch.float32 for p in params)
     assert all(p.dtype == torch.bfloat16 for n, p in pipe.unet.named_parameters() if not p.requires_grad)
     targets = {n.split(".lora")[0].rsplit(".", 1)[-1] for n in names}
-    assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0
+    assert targets == {"to_q", "to_k", "to_v", "0", "conv1", "conv2"}  # "0" is to_out.0
     x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(pipe, ["a cat"])
     with torch.no_grad():
         base = common.unet_output(pipe.unet, x, 500, cond)
@@ -228,6 +240,19 @@ def test_lora_trainable_fp32_frozen_in_run_dtype_and_reference_is_adapters_disab
         pipe.unet.enable_adapters()
     assert not torch.equal(base, tuned)
     assert torch.equal(base, reference)
+
+
+def test_lora_targets_choose_the_layers_and_an_unknown_one_is_a_one_line_error(embedded_dir, capsys):
+    pipe = common.load_pipeline(str(embedded_dir))
+    common.add_lora(pipe.unet, 4, targets="to_q,to_k,to_v,to_out.0")
+    names = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert names and all(".attn" in n for n in names)
+    fresh = common.load_pipeline(str(embedded_dir))
+    with pytest.raises(SystemExit):
+        common.add_lora(fresh.unet, 4, targets="to_q,convv1")
+    err = capsys.readouterr().err.strip()
+    assert "convv1" in err and len(err.splitlines()) == 1
+    assert not any(p.requires_grad for p in fresh.unet.parameters())  # refused before any change
 
 
 def test_saved_lora_loads_with_diffusers_load_lora_weights(embedded_dir, tmp_path):
