@@ -6,17 +6,22 @@ one: each script decides which steps carry gradient, whether the UNet input is d
 sampling stops, what is rewarded and how the loss is built, and passes those choices in as knobs.
 """
 
+import contextlib
 import functools
 import inspect
+import io
 import json
 import math
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet optional-backend notices at import
@@ -27,9 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+import tyro
+from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
-from peft import LoraConfig
+from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -42,9 +49,14 @@ EMBEDDED_MODEL = "embedded-tiny-sd"
 EMBEDDED_RESOLUTION = 32  # the embedded model's native image size (VAE factor 2 -> 16x16 latents)
 PROMPT_SETS = {p.stem: p for p in sorted((Path(__file__).parent / "prompts").glob("*.txt"))}
 EVAL_SEED = 1234  # eval noise is fixed across methods and training seeds, so runs compare like for like
+# One evaluation for every script, so that methods compare on one footing: deterministic DDIM (eta 0) with this
+# T and guidance scale (--eval-num-steps / --eval-guidance-scale 0 take them), --eval-size fixed prompts
+# (eval_prompts) and fixed noise (EVAL_SEED). The toy world's values, then Stable Diffusion's (the papers' T 50, w 7.5).
+EVAL_PROTOCOL = {"toy": {"num_steps": 20, "guidance_scale": 5.0}, "sd": {"num_steps": 50, "guidance_scale": 7.5}}
 # Attention projections (what the public implementations train) and the ResNet 3x3 convolutions: the toy
 # UNet has no attention at full latent resolution, and without the convs LoRA can hardly move a shape.
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+REAL_CLIP = "openai/clip-vit-large-patch14"  # `--clip-model auto` for any model but the toy one
 diffusers_logging.disable_progress_bar()
 
 
@@ -149,22 +161,23 @@ def resolve_clip(name: str) -> str:
                               "openai/clip-vit-large-patch14")
 
 
-def _uses_clip(fn, args) -> bool:
-    """Whether the reward will load `--clip-model`: it takes one, and its CLIP weight (if any) is not 0."""
-    taken = inspect.signature(fn).parameters
-    return "clip_model" in taken and ("clip_weight" not in taken or args.clip_weight > 0)
+def reward_options(args) -> dict:
+    return {"clip_model": args.clip_model, "clip_weight": args.clip_weight, "reward_model": args.reward_model,
+            "reward_query": args.reward_query}
 
 
-def reward_function(args):
-    """The `--reward` function with the CLIP flags bound where it takes them."""
+def reward_function(args, device="cpu", dtype=torch.float32):
+    """The `--reward` function (rewards.make: a reward, a weighted sum, a user's module:function), its models
+    loaded once, on the run's device; each image scored counts in COMPUTE."""
     import rewards
 
-    fn = rewards.REWARDS[args.reward][0]
-    taken = inspect.signature(fn).parameters
-    options = {"clip_weight": args.clip_weight}
-    if _uses_clip(fn, args):
-        options["clip_model"] = resolve_clip(args.clip_model)
-    return functools.partial(fn, **{k: v for k, v in options.items() if k in taken})
+    fn, _ = rewards.make(args.reward, **reward_options(args), device=device, dtype=dtype)
+
+    def reward(images, prompts):
+        count("reward_evals", len(images))
+        return fn(images, prompts)
+
+    return reward
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -188,9 +201,10 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     return pipe.to(device)
 
 
-def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS):
-    """LoRA on the UNet layers whose names end in one of `targets` (comma-separated); returns the trainable
-    parameters (kept in fp32). The reference policy is the same UNet under `unet.disable_adapters()`: no copy.
+def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TARGETS, init: str = ""):
+    """LoRA on the UNet layers whose names end in one of `targets` (comma-separated), its weights from the
+    saved LoRA `init` if given; returns the trainable parameters (kept in fp32). The pretrained model is the
+    same UNet under `unet.disable_adapters()`: no copy.
     """
     names = [t.strip() for t in targets.split(",") if t.strip()]
     layers = [n for n, _ in unet.named_modules()]
@@ -201,25 +215,61 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TA
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                         target_modules=names)
     unet.add_adapter(config)
+    if init:
+        load_lora(unet, init)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     return params
 
 
-def save_lora(unet, run_dir, optimizer=None, state: dict | None = None):
-    """Write `pytorch_lora_weights.safetensors` so `pipe.load_lora_weights(run_dir)` loads it; with an
-    optimizer and a state dict (iteration, samples seen), also what a resume needs."""
+def save_lora(unet, run_dir):
+    """Write `pytorch_lora_weights.safetensors` (atomically) so `pipe.load_lora_weights(run_dir)` loads it."""
     lora = get_peft_model_state_dict(unet)  # PEFT key names: diffusers loads them for every module kind
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # write aside, then swap in: never half-written
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
-        names = ["pytorch_lora_weights.safetensors"]
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-            (Path(tmp) / "state.json").write_text(json.dumps(state or {}))
-            names += ["optimizer.pt", "state.json"]
-        for name in names:
-            os.replace(Path(tmp) / name, Path(run_dir) / name)
+        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(run_dir) / "pytorch_lora_weights.safetensors")
+
+
+def read_lora(path: str, what: str = "--init-lora") -> dict:
+    """A run directory (its pytorch_lora_weights.safetensors) or a diffusers LoRA file -> UNet LoRA weights
+    under PEFT names without the adapter name (e.g. `...attn1.to_q.lora_A.weight`)."""
+    source = Path(path).expanduser()
+    if source.is_dir():
+        source = source / "pytorch_lora_weights.safetensors"
+    if not source.is_file():
+        fail(f"{what} {path}: no such LoRA file (a run directory or a .safetensors file)")
+    try:
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(source))
+    except Exception as e:
+        fail(f"{what} {path}: not a LoRA file diffusers can read ({type(e).__name__})")
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not unet:
+        fail(f"{what} {path}: holds no UNet LoRA weights")
+    return convert_unet_state_dict_to_peft(unet)
+
+
+def check_lora_file(path: str, rank: int, targets: str, what: str = "--init-lora") -> dict:
+    """The LoRA in `path` must have the shape this run's adapter has (--lora-rank, --lora-targets)."""
+    state = read_lora(path, what)
+    ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+    layers = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
+    kinds = {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers}
+    wanted = {t.strip() for t in targets.split(",") if t.strip()}
+    if ranks != {rank}:
+        fail(f"{what} {path} has LoRA rank {', '.join(map(str, sorted(ranks)))}; pass --lora-rank to match (got {rank})")
+    if kinds != wanted:
+        fail(f"{what} {path} adapts the layers {','.join(sorted(kinds))}; pass them as --lora-targets (got {targets})")
+    return state
+
+
+def load_lora(unet, path: str, what: str = "--init-lora"):
+    """Set the adapter's weights (added by add_lora, same rank and targets) from a saved LoRA."""
+    state = read_lora(path, what)
+    expected = {n.replace(".default.", ".") for n, p in unet.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        fail(f"{what} {path}: its LoRA layers differ from this run's ({len(state)} tensors, expected {len(expected)})")
+    set_peft_model_state_dict(unet, {k: v.float() for k, v in state.items()}, adapter_name="default")
 
 
 @torch.no_grad()
@@ -236,6 +286,7 @@ def decode(vae, latents, checkpoint: bool = False):
     pixels (the toy world's white and black backgrounds), so a reward could push a picture into saturation
     and nothing, not even the CLIP regulariser, could pull it back.
     """
+    count("vae_decodes", len(latents))
     z = latents.to(vae.dtype) / vae.config.scaling_factor
     if checkpoint and torch.is_grad_enabled():
         images = torch.utils.checkpoint.checkpoint(lambda z: vae.decode(z).sample, z, use_reentrant=False)
@@ -258,14 +309,24 @@ def encode_images(vae, images):
 
 
 def unet_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0):
-    """The (guided) UNet output in fp32; cond and uncond go through one batched call."""
-    if uncond is None or guidance_scale == 1.0:
-        return unet(latents.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    """The (guided) UNet output in fp32; cond and uncond go through one batched call. Counted in COMPUTE:
+    image-steps forward when called (a checkpointed call again when recomputed), backward when a gradient
+    reaches the output."""
+    guided = uncond is not None and guidance_scale != 1.0
+    count("unet_forwards", len(latents) * (2 if guided else 1))
+    if not guided:
+        return _count_backward(unet(latents.to(unet.dtype), t, cond.to(unet.dtype)).sample).float()
     if torch.is_tensor(t) and t.ndim == 1:  # one timestep per row: the doubled batch needs them twice
         t = torch.cat([t, t])
     out = unet(torch.cat([latents, latents]).to(unet.dtype), t, torch.cat([uncond, cond]).to(unet.dtype))
-    out_uncond, out_cond = out.sample.float().chunk(2)
+    out_uncond, out_cond = _count_backward(out.sample).float().chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def _count_backward(sample):
+    if sample.requires_grad and _counting[0]:
+        sample.register_hook(lambda grad: count("unet_backwards", len(grad)))
+    return sample
 
 
 def _alpha_bars(scheduler, t, device):
@@ -381,16 +442,55 @@ def initial_latents(pipe, batch_size: int, resolution: int, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts, seeding, evaluation, the run directory
+# Compute: a machine-independent count of the work a run has done (its budget unit)
+# ---------------------------------------------------------------------------------------------
+
+# Cumulative over a run (and restored on resume): UNet image-steps forward and backward (a CFG call counts
+# both halves; a checkpointed call's recomputation counts as another forward), VAE decodes and images scored.
+# Evaluation is not counted: it measures a run and is the same for every method.
+COMPUTE = {"unet_forwards": 0, "unet_backwards": 0, "vae_decodes": 0, "reward_evals": 0}
+_counting = [True]
+
+
+def count(kind: str, n: int):
+    if _counting[0]:
+        COMPUTE[kind] += n
+
+
+def compute_units() -> float:
+    """The budget unit: UNet passes, a backward counted as two forwards (about its FLOPs)."""
+    return COMPUTE["unet_forwards"] + 2 * COMPUTE["unet_backwards"]
+
+
+class uncounted:
+    """Leave evaluation out of the compute count."""
+
+    def __enter__(self):
+        self.previous, _counting[0] = _counting[0], False
+
+    def __exit__(self, *exc):
+        _counting[0] = self.previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and the checks every script shares (all before any work)
 # ---------------------------------------------------------------------------------------------
 
 
 def load_prompts(spec: str) -> list[str]:
-    """A prompt set name (a file in prompts/) or a text file with one prompt per line."""
+    """A prompt set name (a file in prompts/) or a UTF-8 text file with one prompt per line."""
     path = PROMPT_SETS.get(spec, Path(spec).expanduser())
     if not path.is_file():
         fail(f"--prompts {spec}: neither a prompt set ({', '.join(PROMPT_SETS)}) nor a text file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        fail(f"--prompts {spec}: cannot be read ({e.strerror})")
+    except UnicodeDecodeError:
+        fail(f"--prompts {spec}: not a UTF-8 text file (one prompt per line)")
+    if "\x00" in text:
+        fail(f"--prompts {spec}: a binary file, not text (one prompt per line)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         fail(f"--prompts {spec}: the file has no prompts")
     return prompts
@@ -405,42 +505,187 @@ def eval_prompts(spec: str, prompts: list[str], n: int) -> list[str]:
             for i in range(n)]
 
 
+def default_prompts(spec: str) -> str:
+    """The prompt set `--prompts auto` takes for a real model: the reward's own (REWARDS' third column; in a sum,
+    its first term's), general for a user's reward."""
+    import rewards
+
+    names = [name for _, name in rewards.parse(spec) if name in rewards.REWARDS]
+    return rewards.REWARDS[names[0]][2] if names else "general"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_writable_dir(path: str, what: str):
+    """A directory that is, or can be created as, a writable folder; probed by writing a file (root ignores modes)."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        fail(f"{what} {path} is a file, not a directory")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{what} {path}: {parent} is a file, not a directory")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        fail(f"{what} {path}: {parent} is not writable ({e.strerror})")
+
+
 def check_common_args(args, differentiable: bool):
     """Validate the flags every script shares, before any work; returns the prompt list."""
     import rewards
 
-    if args.reward not in rewards.REWARDS:
-        fail(f"--reward {args.reward}: unknown; choose one of {', '.join(rewards.REWARDS)}")
-    if differentiable and not rewards.REWARDS[args.reward][1]:
-        names = ", ".join(n for n, (_, d) in rewards.REWARDS.items() if d)
-        fail(f"--reward {args.reward} is not differentiable; this method needs one of {names}")
+    for f in fields(args):  # tyro parses nan and inf; no flag of ours means either
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag(f.name)} must be a finite number (got {value})")
     for name in ("batch_size", "iters", "num_steps", "lora_rank"):
         if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+            fail(f"{flag(name)} must be at least 1 (got {getattr(args, name)})")
+    for name in ("seed", "threads", "save_every", "eval_every", "lora_alpha", "weight_decay", "budget",
+                 "budget_seconds", "clip_weight", "eval_num_steps", "eval_guidance_scale"):
+        if getattr(args, name) < 0:
+            fail(f"{flag(name)} must be non-negative (got {getattr(args, name)})")
     if args.resolution < 0 or args.resolution % 8:
         fail(f"--resolution must be a positive multiple of 8, or 0 for the model's own size (got {args.resolution})")
-    if args.lr <= 0:
-        fail(f"--lr must be positive (got {args.lr})")
-    if getattr(args, "grad_clip", 1.0) <= 0:
-        fail(f"--grad-clip must be positive (got {args.grad_clip})")
-    if getattr(args, "weight_decay", 0.0) < 0:
-        fail(f"--weight-decay must be non-negative (got {args.weight_decay})")
+    for name in ("lr", "grad_clip", "progress_every"):
+        if getattr(args, name) <= 0:
+            fail(f"{flag(name)} must be positive (got {getattr(args, name)})")
+    if args.lr > 1:  # AdamW moves each weight by about lr per step: above 1 it only destroys the model
+        fail(f"--lr must be at most 1 (got {args.lr})")
+    if not 0 <= args.eta <= 1:
+        fail(f"--eta must be in [0, 1]: 0 is deterministic DDIM, 1 DDPM-like (got {args.eta})")
     if args.dtype not in ("auto", "fp32", "bf16", "fp16"):
         fail(f"--dtype must be auto, fp32, bf16 or fp16 (got {args.dtype})")
     if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
         fail(f"--device must be auto, cpu, cuda or cuda:N (got {args.device})")
-    if args.eval_every < 0:
-        fail(f"--eval-every must be 0 (start and end only) or positive (got {args.eval_every})")
     if args.eval_size < 2:
         fail(f"--eval-size must be at least 2 (the eval reward's std needs two images; got {args.eval_size})")
-    if args.clip_weight < 0:
-        fail(f"--clip-weight must be non-negative (got {args.clip_weight})")
-    if _uses_clip(rewards.REWARDS[args.reward][0], args):
-        resolve_clip(args.clip_model)
-    if args.run_dir and (Path(args.run_dir) / "metrics.jsonl").exists():
-        fail(f"--run-dir {args.run_dir} already holds a run (metrics.jsonl); choose another directory")
+    # `auto` follows the model: the toy world's CLIP and captions for the toy model (and the embedded one),
+    # a real CLIP and the reward's prompt set for Stable Diffusion; resolved here, so args.json records them.
+    toy = args.model in (TOY_MODEL, EMBEDDED_MODEL) or Path(args.model).expanduser().resolve() == TOY_MODEL_DIR
+    if args.clip_model == "auto":
+        args.clip_model = TOY_MODEL if toy else REAL_CLIP
+    protocol = EVAL_PROTOCOL["toy" if toy else "sd"]
+    args.eval_num_steps = args.eval_num_steps or protocol["num_steps"]
+    args.eval_guidance_scale = args.eval_guidance_scale or protocol["guidance_scale"]
+    if args.prompts == "auto":
+        args.prompts = "toy" if toy else default_prompts(args.reward)
+    if not toy and (args.clip_model == TOY_MODEL or Path(args.clip_model).resolve() == Path(rewards.TOY_CLIP)):
+        fail(f"--clip-model {args.clip_model} is the toy world's CLIP; with --model {args.model} use a real one "
+             f"(auto = {REAL_CLIP})")
+    if not toy and args.prompts in ("toy", "toy_eval"):
+        fail(f"--prompts {args.prompts} are the toy world's captions; with --model {args.model} use a set that suits "
+             f"it (auto = the reward's: {default_prompts(args.reward)})")
     resolve_model(args.model)
+    # Every model the reward needs is found (local, cached, or a reachable Hub) now, none loaded yet.
+    if not rewards.check(args.reward, **reward_options(args)) and differentiable:
+        fail(f"--reward {args.reward} is not differentiable; this method needs one of "
+             f"{', '.join(n for n, entry in rewards.REWARDS.items() if entry[1])} (or a user reward whose function "
+             "has the attribute differentiable = True)")
+    if args.resume:
+        check_checkpoint(args.resume, args.iters)
+    else:
+        check_writable_dir(args.run_dir or "runs", "--run-dir")
+        if args.run_dir and (Path(args.run_dir) / "metrics.jsonl").exists():
+            fail(f"--run-dir {args.run_dir} already holds a run (metrics.jsonl); choose another directory, "
+                 f"or continue it with --resume {args.run_dir}")
+    if args.init_lora:
+        check_lora_file(args.init_lora, args.lora_rank, args.lora_targets, "--init-lora")
     return load_prompts(args.prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: tyro with one-line errors; --config reruns a run, --resume continues one
+# ---------------------------------------------------------------------------------------------
+
+# What a resumed run may change: how long it runs, how often it evaluates, saves and reports, and where it
+# runs. Everything else would make the continuation a different run from the one that was started.
+RESUME_MAY_CHANGE = {"iters", "eval_every", "save_every", "progress_every", "budget", "budget_seconds", "device",
+                     "threads", "resume", "config", "run_dir"}
+
+
+def _flag_value(argv, name: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def _one_line(box: str) -> str:
+    """tyro's error box -> its message on one line (the box's lines up to its first rule, joined)."""
+    lines = [line.strip().strip("│").strip() for line in box.splitlines()]
+    content = [line for line in lines if line and not set(line) <= set("╭╮╰╯─ ")][:]
+    message = []
+    for line in lines[1:]:
+        if not line or set(line) <= set("─╭╮╰╯ "):
+            if message:
+                break
+            continue
+        message.append(line)
+    return " ".join(message or content[-1:] or ["could not parse the command line"])
+
+
+def read_args_json(path: Path, Args, script: str, what: str):
+    """A run's args.json -> an Args instance (the defaults of a --config or --resume parse)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{what}: cannot read {path} as a run's args.json ({type(e).__name__})")
+    made_by = saved.get("_meta", {}).get("script") if isinstance(saved, dict) else None
+    if made_by != script:
+        fail(f"{what}: {path} was written by {made_by or 'something else'}, not {script}")
+    known = {f.name: f for f in fields(Args)}
+    unknown = sorted(set(saved) - set(known) - {"_meta"})
+    if unknown:
+        fail(f"{what}: {path} has settings {script} does not know ({', '.join(unknown)})")
+    values = {k: tuple(v) if isinstance(getattr(Args(), k), tuple) else v for k, v in saved.items() if k in known}
+    return Args(**values)
+
+
+def parse_args(Args, script_file: str):
+    """The script's Args from the command line. `--config RUN_DIR/args.json` takes a finished run's settings
+    as the defaults (a rerun; flags given override them); `--resume RUN_DIR` does so for the run to continue
+    and refuses any flag that would change what it computes (RESUME_MAY_CHANGE lists the ones allowed)."""
+    script, argv = Path(script_file).name, sys.argv[1:]
+    resume, config = _flag_value(argv, "--resume"), _flag_value(argv, "--config")
+    if resume and config:
+        fail("--resume continues a run with its own settings; it takes no --config")
+    default = Args()
+    if resume:
+        default = read_args_json(Path(resume) / "args.json", Args, script, f"--resume {resume}")
+    elif config:
+        default = read_args_json(Path(config), Args, script, f"--config {config}")
+        default.run_dir = ""  # a rerun gets a run directory of its own
+    default.resume, default.config = "", ""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            args = tyro.cli(Args, args=argv, default=default, prog=script)
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            fail(_one_line(captured.getvalue()))
+        sys.stderr.write(captured.getvalue())
+        raise
+    if resume:
+        changed = [f.name for f in fields(Args)
+                   if f.name not in RESUME_MAY_CHANGE and getattr(args, f.name) != getattr(default, f.name)]
+        if changed:
+            fail(f"--resume {resume}: {', '.join(f'{flag(n)} {getattr(args, n)}' for n in changed)} would change "
+                 f"the run (it was {', '.join(str(getattr(default, n)) for n in changed)}); a resume may change only "
+                 f"{', '.join(flag(n) for n in sorted(RESUME_MAY_CHANGE - {'resume', 'config', 'run_dir'}))}")
+        args.run_dir = resume
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding, devices, evaluation, grids
+# ---------------------------------------------------------------------------------------------
 
 
 def native_resolution(pipe) -> int:
@@ -469,20 +714,22 @@ def setup_device(device: str, dtype: str, threads: int):
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts, reward_fn, *, num_steps, guidance_scale, resolution, batch_size=16):
-    """Full T-step deterministic DDIM sampling (eta 0) on fixed prompts and fixed noise: (rewards, images)."""
+def evaluate(pipe, prompts, reward_fn, *, num_steps, guidance_scale, resolution, eta=0.0, batch_size=16):
+    """Full T-step DDIM sampling (deterministic: eta 0) on fixed prompts and fixed noise (the DDIM noise too,
+    with eta > 0): (rewards, images). Not part of the run's compute count."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
     uncond_one = encode_prompts(pipe, [""])
     rewards, images = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        cond = encode_prompts(pipe, chunk)
-        x_T = initial_latents(pipe, len(chunk), resolution, generator=generator)
-        out = rollout(pipe, cond, uncond_one.expand(len(chunk), -1, -1), x_T, num_steps=num_steps,
-                      guidance_scale=guidance_scale, eta=0.0, generator=generator).output
-        image = decode(pipe.vae, out)
-        rewards.append(reward_fn(image, chunk).float().cpu())
-        images.append(image.cpu())
+    with uncounted():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            cond = encode_prompts(pipe, chunk)
+            x_T = initial_latents(pipe, len(chunk), resolution, generator=generator)
+            out = rollout(pipe, cond, uncond_one.expand(len(chunk), -1, -1), x_T, num_steps=num_steps,
+                          guidance_scale=guidance_scale, eta=eta, generator=generator).output
+            image = decode(pipe.vae, out)
+            rewards.append(reward_fn(image, chunk).float().cpu())
+            images.append(image.cpu())
     return torch.cat(rewards), torch.cat(images)
 
 
@@ -497,35 +744,221 @@ def save_grid(images, path, ncols: int = 8):
     Image.fromarray(grid).save(path)
 
 
-def default_run_dir(script: str, reward: str, seed: int) -> str:
-    return f"runs/{Path(script).stem}__{reward}__{seed}__{int(time.time())}"
+# ---------------------------------------------------------------------------------------------
+# The run directory: metrics, checkpoints, resume, the NaN guard, Ctrl-C, progress
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
 
 
-class RunLog:
-    """The run directory: args.json, metrics.jsonl (one JSON object per iteration), sample grids,
-    the LoRA weights, optional TensorBoard scalars, a progress bar and the final summary line."""
+def write_atomic(path: Path, write):
+    """write(file) into a temporary file beside `path`, flushed to disk, then renamed over it: a kill at any
+    instant leaves either the old file or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
-    def __init__(self, run_dir: str, args, total: int):
-        self.dir = Path(run_dir)
-        if (self.dir / "metrics.jsonl").exists():
-            fail(f"--run-dir {run_dir} already holds a run (metrics.jsonl); choose another directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
+
+def load_checkpoint(run_dir, mmap: bool = False) -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file() or not (Path(run_dir) / "args.json").is_file():
+        fail(f"--resume {run_dir}: no {CHECKPOINT} and args.json there (a run directory written by a script)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a damaged file: say so in one line
+        fail(f"--resume {run_dir}: {CHECKPOINT} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def check_checkpoint(run_dir: str, iters: int):
+    """--resume: a loadable checkpoint (memory-mapped: a quick look) with iterations left to run."""
+    done = load_checkpoint(run_dir, mmap=True)["iter"]
+    if done >= iters:
+        print(f"{run_dir} has run its {done} iterations; pass --iters above {done} to continue it", file=sys.stderr)
+        raise SystemExit(0)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_metadata(script: str, device) -> dict:
+    """What args.json records besides the flags: the script, package versions, the git commit, the device."""
+    import diffusers
+    import peft
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+        dirty = commit and bool(subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain",
+                                                "--untracked-files=no"], capture_output=True, text=True,
+                                               timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    device = torch.device(device)
+    return {"script": script, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "git_commit": commit,
+            "git_dirty": dirty, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__}}
+
+
+def new_run_dir(name: str, reward: str, seed: int) -> Path:
+    """A new runs/<name>__<reward>__<seed>__<time>, created exclusively: two runs started in the same second
+    never share one."""
+    reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in reward)
+    base = f"runs/{name}__{reward}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(1000):
+        path = Path(base + (f"-{k}" if k else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    fail(f"cannot create a new run directory {base}")
+
+
+class Run:
+    """The run directory and the loop's bookkeeping, the same for every script.
+
+    RUN_DIR holds args.json (the flags, and `_meta`: script, command, package versions, git commit, device),
+    metrics.jsonl (one row per iteration), eval grids, pytorch_lora_weights.safetensors and checkpoint.pt
+    (LoRA, optimizer, RNG states, the method's `state`, the metrics so far, the compute count), both rewritten
+    atomically every --save-every iterations, at the end and when stopped by Ctrl-C or SIGTERM. With --resume
+    the loop continues from the checkpoint as the uninterrupted run would have (bitwise on the CPU). `state`
+    is the method's own state between iterations, as plain data (e.g. DDPO's per-prompt reward buffers).
+    """
+
+    def __init__(self, script_file: str, args, unet, optimizer, device, name: str = "", state: dict | None = None):
+        self.script, self.name = Path(script_file).name, name or Path(script_file).stem
+        self.args, self.unet, self.optimizer = args, unet, optimizer
+        self.state = {} if state is None else state
+        self.rows, self.start_iter, self.elapsed_before, self.saved_iter, self.rng = [], 0, 0.0, None, None
+        self.interrupted = False
+        if args.resume:
+            self.dir = Path(args.resume)
+            self._restore()
+        else:
+            self.dir = self._new_dir(args.run_dir)
+            args.run_dir = str(self.dir)
+        self.next_iter = self.start_iter
+        settings = asdict(args) | {"_meta": run_metadata(self.script, device) | {"resumed_at": self.start_iter}}
+        write_atomic(self.dir / "args.json", lambda f: f.write(json.dumps(settings, indent=2, default=str).encode()))
         self.metrics = open(self.dir / "metrics.jsonl", "a")
-        self.start = time.time()
-        self.rows = []
+        self.start = self.last_progress = time.time()
+        self.cuda = torch.device(device).type == "cuda"
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir))
+            self.tb = SummaryWriter(str(self.dir), purge_step=self.start_iter)
         except Exception:  # TensorBoard is optional
             self.tb = None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=self.dir.name, disable=not sys.stderr.isatty())
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=args.iters, initial=self.start_iter, desc=self.dir.name, disable=not self.tty)
+
+    def _new_dir(self, run_dir: str) -> Path:
+        if not run_dir:
+            return new_run_dir(self.name, self.args.reward, self.args.seed)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(run_dir)
+
+    def _restore(self):
+        checkpoint = load_checkpoint(self.dir)
+        params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        if set(params) != set(checkpoint["lora"]):
+            fail(f"--resume {self.dir}: the checkpoint's LoRA has other layers than this run's")
+        with torch.no_grad():
+            for n, value in checkpoint["lora"].items():
+                params[n].copy_(value)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.state.update(checkpoint["state"])
+        # A final evaluation row ends a finished run; continuing it (a larger --iters), the loop takes over.
+        self.rows, self.start_iter = [r for r in checkpoint["rows"] if not r.get("final")], checkpoint["iter"]
+        self.elapsed_before, self.saved_iter, self.rng = checkpoint["elapsed"], checkpoint["iter"], checkpoint["rng"]
+        COMPUTE.update(checkpoint["compute"])
+        # Rows logged after the checkpoint belong to iterations that will run again: drop them.
+        write_atomic(self.dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start
+
+    def last(self, key: str, default=0):
+        """A value of the last logged row (e.g. samples_seen when resuming), else `default`."""
+        return self.rows[-1].get(key, default) if self.rows else default
+
+    def iterations(self):
+        """The loop: iterations from the resumed one to --iters. After each, a checkpoint every --save-every;
+        it stops early, checkpointed, on Ctrl-C / SIGTERM or once the budget is spent."""
+        if self.rng is not None:  # last, after all of setup: the stream continues where the checkpoint left it
+            set_rng_state(self.rng)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for it in range(self.start_iter, self.args.iters):
+                yield it
+                self.next_iter = it + 1
+                if self.interrupted or self.budget_spent():
+                    break
+                if self.args.save_every and self.next_iter % self.args.save_every == 0:
+                    self.save()
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.interrupted:  # the second time: stop at once (the last checkpoint stays whole)
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print(f"\n{self.name}: stopping after this iteration, with a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def budget_spent(self) -> bool:
+        """--budget (compute units, see compute_units) or --budget-seconds reached (0 = no limit)."""
+        return bool((self.args.budget and compute_units() >= self.args.budget)
+                    or (self.args.budget_seconds and self.elapsed() >= self.args.budget_seconds))
+
+    def guard(self, it: int, **values):
+        """The NaN guard, before every optimizer step: a non-finite reward, loss or gradient norm stops the run
+        before it reaches the weights; the last good checkpoint stays as it is."""
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().float().cpu()
+            if not torch.isfinite(value).all():
+                self.stop(f"iteration {it}: non-finite {name} ({value[~torch.isfinite(value)].flatten()[0].item()})")
+
+    def stop(self, reason: str):
+        kept = (f"the last good checkpoint (iteration {self.saved_iter}) is in {self.dir}" if self.saved_iter
+                is not None else f"no checkpoint had been written yet in {self.dir}")
+        self._close()
+        print(f"error: {self.name}: {reason}; stopped, {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
 
     def log(self, row: dict):
-        row = {"wall_time_s": round(time.time() - self.start, 3)} | row
+        row = {"wall_time_s": round(self.elapsed(), 3)} | row | COMPUTE | {"compute": compute_units()}
+        if self.cuda:
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}
         self.rows.append(row)
         self.metrics.write(json.dumps(row) + "\n")
@@ -534,17 +967,55 @@ class RunLog:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "iter":
                     self.tb.add_scalar(key, value, row["iter"])
+        if row.get("final"):
+            return
         self.bar.update(1)
-        self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("reward_mean", "loss") if row.get(k) is not None})
+        shown = {k: f"{row[k]:.4g}" for k in ("reward_mean", "loss") if isinstance(row.get(k), (int, float))}
+        self.bar.set_postfix(shown)
+        now = time.time()
+        if not self.tty and (now - self.last_progress >= self.args.progress_every or row["iter"] + 1 == self.args.iters):
+            # Outside a terminal (nohup, a cluster log): a plain line every --progress-every seconds.
+            self.last_progress, done = now, row["iter"] + 1
+            per_it = (now - self.start) / max(1, done - self.start_iter)
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_it * (self.args.iters - done)))
+            print(f"{self.name}: iter {done}/{self.args.iters}  " + "  ".join(f"{k} {v}" for k, v in shown.items())
+                  + f"  {per_it:.2f} s/it  ETA {eta}", file=sys.stderr, flush=True)
 
     def save_images(self, images, name: str):
         save_grid(images, self.dir / name)
 
-    def close(self, name: str):
+    def save(self):
+        """checkpoint.pt and pytorch_lora_weights.safetensors, each written aside and swapped in."""
+        lora = {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        bad = [n for n, value in lora.items() if not torch.isfinite(value).all()]
+        if bad:  # never written as a result
+            self.stop(f"iteration {self.next_iter - 1}: non-finite LoRA weights after the update ({bad[0]})")
+        save_lora(self.unet, self.dir)
+        checkpoint = {"iter": self.next_iter, "lora": lora, "optimizer": self.optimizer.state_dict(),
+                      "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(COMPUTE),
+                      "elapsed": self.elapsed()}
+        write_atomic(self.dir / CHECKPOINT, lambda f: torch.save(checkpoint, f))
+        self.saved_iter = self.next_iter
+
+    def _close(self):
         self.bar.close()
         self.metrics.close()
         if self.tb:
             self.tb.close()
+
+    def finish(self, evaluate):
+        """After the loop: the evaluation of the final model as a row of its own ({"iter": N, "final": true}, N
+        iterations done), the final checkpoint and LoRA, and the run's one-line summary on stdout."""
+        if not self.interrupted and self.next_iter > self.start_iter:
+            self.log({"iter": self.next_iter, "final": True} | evaluate(self.next_iter))
+        if self.next_iter != self.saved_iter:
+            self.save()
+        self._close()
+        if self.interrupted:
+            print(f"{self.name}: stopped after iteration {self.next_iter - 1}; continue with: python {self.script} "
+                  f"--resume {self.dir}", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         evals = [r["eval_reward_mean"] for r in self.rows if "eval_reward_mean" in r]
-        print(f"{name}: eval reward {evals[0]:.4f} -> {evals[-1]:.4f} after {len(self.rows)} iterations "
-              f"({time.time() - self.start:.0f} s); run dir {self.dir}")
+        change = f"eval reward {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "no eval"
+        print(f"{self.name}: {change} after {self.next_iter} iterations ({self.elapsed():.0f} s, "
+              f"compute {compute_units():.4g}); run dir {self.dir}", flush=True)

@@ -20,6 +20,7 @@ The paper's settings on Stable Diffusion 1.5 (a GPU):
 """
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import tyro
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -40,7 +40,7 @@ import common
 LABEL_PAGE_TEMPLATE = Path(__file__).parent / "d3po_label" / "page.html"
 SAMPLES_FORMAT, LABELS_FORMAT = "d3po-samples/1", "d3po-labels/1"
 # Flags that define the sampled transitions; training on stored trajectories must replay them identically.
-SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "per_prompt")
+SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "samples_per_prompt")
 
 
 @dataclass
@@ -48,13 +48,19 @@ class Args:
     model: str = common.TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
-    """reward name from rewards.py: the preference oracle for --feedback reward, the eval score for both modes"""
-    clip_model: str = common.TOY_MODEL
-    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function: the preference oracle for --feedback reward, the eval score for both modes"""
+    reward_model: str = ""
+    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
+    reward_query: str = ""
+    """objectness: the object to remove; empty = book (DRTune)"""
+    clip_model: str = "auto"
+    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
+    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
     clip_weight: float = 0.01
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
-    prompts: str = "toy"
-    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
+    prompts: str = "auto"
+    """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
+    toy for the toy model, else the reward's set (simple_animals, general or books)"""
     feedback: str = "reward"
     """where preferences come from: reward (compare --reward, higher wins) or human (label files)"""
     phase: str = ""
@@ -65,7 +71,7 @@ class Args:
     """--phase train: label files exported by label.html, one per annotator; their scores are averaged"""
     num_prompts: int = 16
     """--phase sample: how many prompts to sample for labelling"""
-    per_prompt: int = 2
+    samples_per_prompt: int = 2
     """n: trajectories per prompt from one x_T; every one of the n(n-1)/2 pairs is trained (official human runs: 7)"""
     num_steps: int = 20
     """T: DDIM sampling steps (paper: 20)"""
@@ -76,9 +82,11 @@ class Args:
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 4
-    """prompts per update (each gives --per-prompt images)"""
+    """prompts per micro-batch (each gives --samples-per-prompt images)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer update"""
     iters: int = 20
-    """optimizer updates"""
+    """iterations, each one optimizer update"""
     lr: float = 1e-2
     """AdamW learning rate (paper: 3e-5 at LoRA rank 4 on SD 1.5; the toy model's LoRA needs far more)"""
     weight_decay: float = 1e-4
@@ -87,8 +95,8 @@ class Args:
     """gradient-norm clip (paper: 1.0)"""
     beta: float = 0.1
     """beta: DPO temperature of eq. 14 (paper: 0.1)"""
-    clamp_eps: float = 0.1
-    """official code, not in the paper: clamp pi_theta/pi_ref to [1-eps, 1+eps] (0 = no clamp)"""
+    clip_range: float = 0.1
+    """official code, not in the paper: clamp pi_theta/pi_ref to [1 - eps, 1 + eps] (its eps; 0 = no clamp)"""
     lora_rank: int = 8
     """LoRA rank (official code: 4)"""
     lora_alpha: float = 0.0
@@ -96,10 +104,27 @@ class Args:
     lora_targets: str = common.LORA_TARGETS
     """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
     to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
+    init_lora: str = ""
+    """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer;
+    --phase sample draws from it, and --phase train must start from the LoRA its samples were drawn with"""
+    ref_lora: str = ""
+    """pi_ref, the reference policy: a LoRA (run directory or file); empty = the --init-lora (each round of the
+    paper's human loop is referenced to the previous round's model), or the pretrained model without one;
+    pretrained = the pretrained model"""
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
-    """output folder; default runs/d3po__<reward or human>__<seed>__<time>"""
+    """output folder (a new one; see --resume); default runs/d3po__<reward or human>__<seed>__<time>"""
+    resume: str = ""
+    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
+    config: str = ""
+    """rerun with the settings of a run's args.json (flags given as well override them)"""
+    save_every: int = 10
+    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
+    budget: float = 0.0
+    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
+    budget_seconds: float = 0.0
+    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
@@ -107,9 +132,15 @@ class Args:
     threads: int = 2
     """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 5
-    """evaluate every N iterations (0 = only at the start and the end)"""
+    """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
-    """number of fixed evaluation prompts (fixed noise, deterministic DDIM); scored with --reward"""
+    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
+    eval_num_steps: int = 0
+    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
+    eval_guidance_scale: float = 0.0
+    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +172,9 @@ def load_samples(args: Args) -> dict:
             flag = "--" + name.replace("_", "-")
             common.fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
                         f"training replays their transitions, so pass {flag} {meta.get(name)}")
+    if meta.get("init_lora_id", "") != lora_id(args.init_lora):
+        common.fail(f"--init-lora {args.init_lora or '(none)'} is not the model the samples in {args.samples} were drawn "
+                    f"from ({meta.get('init_lora') or 'the pretrained model'}); training starts from the sampling model")
     trajectories = Path(args.samples) / "trajectories.safetensors"
     if not trajectories.is_file():
         common.fail(f"--samples {args.samples}: trajectories.safetensors is missing")
@@ -158,7 +192,7 @@ def load_labels(files, meta: dict) -> torch.Tensor:
     0 for the others; all 0 for a tie or "all bad") or null when skipped. As in the official code, several
     annotators' scores are averaged, and a pair is trained only if its two averaged scores differ.
     """
-    k, n = len(meta["prompts"]), meta["per_prompt"]
+    k, n = len(meta["prompts"]), meta["samples_per_prompt"]
     total, count = torch.zeros(k, n, dtype=torch.float64), torch.zeros(k, 1, dtype=torch.float64)
     for file in files:
         data = read_json(Path(file), "--labels")
@@ -192,14 +226,16 @@ def check_args(args: Args):
         common.fail("--phase, --samples and --labels belong to --feedback human")
     if args.feedback == "human" and args.phase not in ("sample", "train"):
         common.fail(f"--feedback human needs --phase sample or --phase train (got {args.phase!r})")
-    if args.per_prompt < 2:
-        common.fail(f"--per-prompt must be at least 2: a preference needs a pair (got {args.per_prompt})")
+    if args.samples_per_prompt < 2:
+        common.fail(f"--samples-per-prompt must be at least 2: a preference needs a pair (got {args.samples_per_prompt})")
     if args.eta <= 0:
         common.fail(f"--eta must be > 0: deterministic DDIM (eta = 0) has no pi_theta(x_t-1 | x_t) (got {args.eta})")
-    if args.beta <= 0 or not 0 <= args.clamp_eps < 1:
-        common.fail(f"--beta must be > 0 and --clamp-eps in [0, 1) (got {args.beta}, {args.clamp_eps})")
-    if args.grad_clip <= 0 or args.eval_size < 1 or args.num_prompts < 1:
-        common.fail("--grad-clip must be positive, --eval-size and --num-prompts at least 1")
+    if args.beta <= 0 or not 0 <= args.clip_range < 1:
+        common.fail(f"--beta must be > 0 and --clip-range in [0, 1) (got {args.beta}, {args.clip_range})")
+    if args.grad_accum < 1 or args.num_prompts < 1:
+        common.fail("--grad-accum and --num-prompts must be at least 1")
+    if args.ref_lora not in ("", "pretrained"):
+        common.check_lora_file(args.ref_lora, args.lora_rank, args.lora_targets, "--ref-lora")
     if args.phase == "sample":
         if args.labels or args.samples:
             common.fail("--phase sample writes new samples; --labels and --samples belong to --phase train")
@@ -238,53 +274,74 @@ def preferences(scores: torch.Tensor):
     return torch.nan_to_num(torch.sign(scores[:, i] - scores[:, j]), nan=0.0)
 
 
-def d3po_loss(log_ratio, prefs, beta: float, clamp_eps: float):
+def d3po_loss(log_ratio, prefs, beta: float, clip_range: float):
     """Eq. 14 for every pair at one timestep. log_ratio (B, n): log pi_theta/pi_ref of each member's transition;
     prefs (B, P) from `preferences`. Returns (B, P) losses; a tie (pref 0) is the constant log 2, no gradient.
     """
-    if clamp_eps > 0:
+    if clip_range > 0:
         # Official code (not in the paper): ratio clamped to [1-eps, 1+eps], i.e. the log-ratio to its logs;
         # outside the band the pair stops pushing, a trust region against drifting far from pi_ref.
-        log_ratio = log_ratio.clamp(math.log(1 - clamp_eps), math.log(1 + clamp_eps))
+        log_ratio = log_ratio.clamp(math.log(1 - clip_range), math.log(1 + clip_range))
     i, j = torch.combinations(torch.arange(log_ratio.shape[1]), r=2).unbind(1)
     # Eq. 14: -log sigma(beta (log pi/pi_ref(a_w|s_w) - log pi/pi_ref(a_l|s_l))); the sign orients each pair
     # winner-minus-loser, as h_k = [1, -1] / [-1, 1] / [0, 0] does in Alg. 1 line 33.
     return -F.logsigmoid(beta * prefs * (log_ratio[:, i] - log_ratio[:, j]))
 
 
-def step_log_ratio(pipe, x_t, x_prev, t, cond, uncond, args: Args):
-    """log pi_theta(x_prev | x_t) - log pi_ref(x_prev | x_t) of stored transitions (Alg. 1 lines 28-31)."""
+@contextlib.contextmanager
+def reference_policy(unet, ref_lora: dict | None):
+    """Within: the UNet is pi_ref. Without a reference LoRA that is the pretrained UNet, i.e. the adapter switched
+    off (the official code keeps a full frozen deepcopy instead: the same outputs for no memory); with one
+    (--ref-lora, or the --init-lora of a later round) its weights are swapped into the adapter meanwhile."""
+    if ref_lora is None:
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+        return
+    params = {n.replace(".default.", "."): p for n, p in unet.named_parameters() if p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        try:
+            for n, p in params.items():
+                p.copy_(ref_lora[n])
+            yield
+        finally:
+            for n, p in params.items():
+                p.copy_(trained[n])
+
+
+def step_log_ratio(pipe, x_t, x_prev, t, cond, uncond, ref_lora, args: Args):
+    """log pi_theta(x_prev | x_t) - log pi_ref(x_prev | x_t) of stored transitions (Alg. 1 lines 28-31).
+    pi_ref first: swapping weights in place must not touch a graph that backward still needs."""
+    with torch.no_grad(), reference_policy(pipe.unet, ref_lora):
+        out_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
+        _, log_prob_ref = common.ddim_step_with_logprob(pipe.scheduler, out_ref, t, x_t, args.eta, prev_sample=x_prev)
     out = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
     _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, t, x_t, args.eta, prev_sample=x_prev)
-    with torch.no_grad():
-        # pi_ref is the pretrained UNet: the same weights with LoRA switched off. The official code keeps a
-        # full frozen deepcopy of the UNet instead; disabling the adapters gives the same outputs for no memory.
-        pipe.unet.disable_adapters()
-        try:
-            out_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
-        finally:
-            pipe.unet.enable_adapters()
-        _, log_prob_ref = common.ddim_step_with_logprob(pipe.scheduler, out_ref, t, x_t, args.eta, prev_sample=x_prev)
     return log_prob - log_prob_ref
 
 
-def accumulate_gradients(pipe, latents, timesteps, cond, uncond, prefs, args: Args):
+def accumulate_gradients(pipe, latents, timesteps, cond, uncond, prefs, ref_lora, args: Args):
     """Backward eq. 14 over every timestep (the sub-segments of eq. 13) and every pair; returns logging stats.
 
     One backward per timestep keeps only one UNet graph alive; the loss is averaged over timesteps and
-    pairs, ties included, as the official code does (one update per batch, accumulated over the T steps).
+    pairs, ties included, as the official code does (one update per batch, accumulated over the T steps),
+    and over the --grad-accum micro-batches of an update.
     """
     b, n, steps = latents.shape[0], latents.shape[1], len(timesteps)
     flat = latents.flatten(0, 1)
     cond, uncond = cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
     loss_total, clipped, abs_log_ratio = 0.0, 0.0, 0.0
     for step in range(steps):
-        log_ratio = step_log_ratio(pipe, flat[:, step], flat[:, step + 1], timesteps[step], cond, uncond, args)
-        loss = d3po_loss(log_ratio.view(b, n), prefs, args.beta, args.clamp_eps).mean() / steps
+        log_ratio = step_log_ratio(pipe, flat[:, step], flat[:, step + 1], timesteps[step], cond, uncond, ref_lora,
+                                   args)
+        loss = d3po_loss(log_ratio.view(b, n), prefs, args.beta, args.clip_range).mean() / (steps * args.grad_accum)
         loss.backward()
         loss_total += loss.item()
         ratio = log_ratio.detach().exp()
-        clipped += ((ratio - 1).abs() > args.clamp_eps).float().mean().item() / steps if args.clamp_eps else 0.0
+        clipped += ((ratio - 1).abs() > args.clip_range).float().mean().item() / steps if args.clip_range else 0.0
         abs_log_ratio += log_ratio.detach().abs().mean().item() / steps
     return {"loss": loss_total, "clip_frac": clipped, "abs_log_ratio": abs_log_ratio}
 
@@ -301,14 +358,23 @@ def to_png(image) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    common.write_atomic(path, lambda f: f.write(data))
+
+
+def lora_id(path: str) -> str:
+    """What samples.json records of the LoRA they were drawn with: a hash of its weights ('' = none)."""
+    if not path:
+        return ""
+    weights = common.read_lora(path)
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + weights[name].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def write_samples(pipe, prompts, resolution: int, args: Args):
     """--phase sample: images, trajectories and label.html; samples.json last, so a crash leaves no usable half."""
-    run_dir = Path(args.run_dir or common.default_run_dir(__file__, "human", args.seed))
+    run_dir = Path(args.run_dir) if args.run_dir else common.new_run_dir("d3po_samples", args.reward, args.seed)
     chosen = [p for _ in range(-(-args.num_prompts // len(prompts))) for p in random.sample(prompts, len(prompts))]
     chosen = chosen[:args.num_prompts]
     uncond_one = common.encode_prompts(pipe, [""])
@@ -316,20 +382,21 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
     for start in range(0, len(chosen), args.batch_size):
         batch = chosen[start:start + args.batch_size]
         group, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
-                                         uncond_one.expand(len(batch), -1, -1), args.per_prompt, resolution, args)
+                                         uncond_one.expand(len(batch), -1, -1), args.samples_per_prompt, resolution,
+                                         args)
         with torch.no_grad():
             images = common.decode(pipe.vae, group[:, :, -1].flatten(0, 1))
         latents.append(group)
         pngs += [to_png(image) for image in images]
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    names = [f"images/{k:04d}_{i}.png" for k in range(len(chosen)) for i in range(args.per_prompt)]
+    names = [f"images/{k:04d}_{i}.png" for k in range(len(chosen)) for i in range(args.samples_per_prompt)]
     for name, png in zip(names, pngs):
         write_atomic(run_dir / name, png)
     trajectories = {"latents": torch.cat(latents).contiguous(), "timesteps": timesteps.cpu().long()}
     save_file({k: v.cpu() for k, v in trajectories.items()}, run_dir / "trajectories.safetensors.tmp")
     samples_id = hashlib.sha256((run_dir / "trajectories.safetensors.tmp").read_bytes()).hexdigest()[:16]
     os.replace(run_dir / "trajectories.safetensors.tmp", run_dir / "trajectories.safetensors")
-    n = args.per_prompt
+    n = args.samples_per_prompt
     page_data = {"format": LABELS_FORMAT, "samples_id": samples_id, "per_prompt": n,
                  "items": [{"prompt": p, "images": ["data:image/png;base64," + base64.b64encode(png).decode()
                                                     for png in pngs[k * n:(k + 1) * n]]} for k, p in enumerate(chosen)]}
@@ -337,7 +404,8 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
     page = LABEL_PAGE_TEMPLATE.read_text().replace("/*D3PO_DATA*/null", json.dumps(page_data).replace("</", "<\\/"))
     write_atomic(run_dir / "label.html", page.encode())
     meta = {"format": SAMPLES_FORMAT, "samples_id": samples_id, "prompts": chosen,
-            "images": [names[k * n:(k + 1) * n] for k in range(len(chosen))], "seed": args.seed}
+            "images": [names[k * n:(k + 1) * n] for k in range(len(chosen))], "seed": args.seed,
+            "init_lora": args.init_lora, "init_lora_id": lora_id(args.init_lora)}
     meta |= {name: getattr(args, name) for name in SAMPLING_FLAGS}
     write_atomic(run_dir / "samples.json", json.dumps(meta, indent=2).encode())
     print(f"d3po: {len(chosen)} prompts x {n} images in {run_dir}; label them in {run_dir / 'label.html'}, then\n"
@@ -346,77 +414,90 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = tyro.cli(Args)
+    args = common.parse_args(Args, __file__)
     prompts, human = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
     if args.phase == "sample":
+        if args.init_lora:  # a later round of the human loop samples from the previous round's model
+            common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
         return write_samples(pipe, prompts, resolution, args)
-    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
+    ref_path = args.init_lora if args.ref_lora == "" else "" if args.ref_lora == "pretrained" else args.ref_lora
+    ref_lora = {k: v.to(device) for k, v in common.read_lora(ref_path, "--ref-lora").items()} if ref_path else None
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args)
+    reward_fn = common.reward_function(args, device, dtype)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    name = args.reward if args.feedback == "reward" else "human"
-    log = common.RunLog(args.run_dir or common.default_run_dir(__file__, name, args.seed), args, args.iters)
+    run = common.Run(__file__, args, pipe.unet, optimizer, device, name="d3po" if args.feedback == "reward" else "d3po_human")
     uncond_one = common.encode_prompts(pipe, [""])
-    T, n = args.num_steps, args.per_prompt
+    T, n = args.num_steps, args.samples_per_prompt
 
-    def evaluate(it):
-        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
-                                         guidance_scale=args.guidance_scale, resolution=resolution)
-        log.save_images(images, f"eval_{it:05d}.png")
-        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
+                                         guidance_scale=args.eval_guidance_scale, resolution=resolution)
+        run.save_images(images, f"eval_{it:05d}.png")
+        row = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+        # the objective this method optimises: its own sampler (T, CFG, eta) on the same prompts and noise
+        scores, _ = common.evaluate(pipe, eval_set, reward_fn, num_steps=T, guidance_scale=args.guidance_scale,
+                                    eta=args.eta, resolution=resolution)
+        return row | {"policy_reward_mean": scores.mean().item(), "policy_reward_std": scores.std().item()}
 
     if human:  # the labelled prompts with at least one preferred pair, visited in shuffled passes
         meta, label_scores = human
         stored = load_file(Path(args.samples) / "trajectories.safetensors")
         usable = [k for k in range(len(meta["prompts"])) if (preferences(label_scores[k:k + 1]) != 0).any()]
-        queue = []
+        queue = run.state.setdefault("queue", [])  # the prompts still to visit in this pass (checkpointed)
 
-    samples_seen = 0
-    for it in range(args.iters):
+    samples_seen = run.last("samples_seen")
+    for it in run.iterations():
         row = {"iter": it}
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
 
         # ALGO LOGIC: D3PO Algorithm 1
-        if human:  # lines 12-22 happened offline: the stored trajectories with the averaged label scores
-            while len(queue) < min(args.batch_size, len(usable)):
-                queue += random.sample(usable, len(usable))
-            index, queue = queue[:min(args.batch_size, len(usable))], queue[min(args.batch_size, len(usable)):]
-            batch = [meta["prompts"][k] for k in index]
-            latents = stored["latents"][index].to(device)
-            timesteps = stored["timesteps"].to(device)
-            scores = label_scores[index].to(device)
-            pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
-        else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
-            batch = random.choices(prompts, k=args.batch_size)
-            latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
-                                               uncond_one.expand(len(batch), -1, -1), n, resolution, args)
-            with torch.no_grad():
-                images = common.decode(pipe.vae, latents[:, :, -1].flatten(0, 1))
-                scores = reward_fn(images, [p for p in batch for _ in range(n)]).float().view(len(batch), n)
-        prefs = preferences(scores)  # lines 15-21: h = [1, -1], [-1, 1] or [0, 0] for every pair
-        cond = common.encode_prompts(pipe, batch)
-        stats = accumulate_gradients(pipe, latents, timesteps, cond, uncond_one.expand(len(batch), -1, -1),
-                                     prefs, args)  # lines 24-33, all T timesteps
+        scores_seen, prefs_seen, stats = [], [], {"loss": 0.0, "clip_frac": 0.0, "abs_log_ratio": 0.0}
+        for _ in range(args.grad_accum):
+            if human:  # lines 12-22 happened offline: the stored trajectories with the averaged label scores
+                take = min(args.batch_size, len(usable))
+                while len(queue) < take:
+                    queue += random.sample(usable, len(usable))
+                index = queue[:take]
+                del queue[:take]
+                batch = [meta["prompts"][k] for k in index]
+                latents = stored["latents"][index].to(device)
+                timesteps = stored["timesteps"].to(device)
+                scores = label_scores[index].to(device)
+                pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
+            else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
+                batch = random.choices(prompts, k=args.batch_size)
+                latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
+                                                   uncond_one.expand(len(batch), -1, -1), n, resolution, args)
+                with torch.no_grad():
+                    images = common.decode(pipe.vae, latents[:, :, -1].flatten(0, 1))
+                    scores = reward_fn(images, [p for p in batch for _ in range(n)]).float().view(len(batch), n)
+            prefs = preferences(scores)  # lines 15-21: h = [1, -1], [-1, 1] or [0, 0] for every pair
+            cond = common.encode_prompts(pipe, batch)
+            micro = accumulate_gradients(pipe, latents, timesteps, cond, uncond_one.expand(len(batch), -1, -1),
+                                         prefs, ref_lora, args)  # lines 24-33, all T timesteps
+            stats = {k: stats[k] + micro[k] / (1 if k == "loss" else args.grad_accum) for k in stats}
+            scores_seen.append(scores.flatten())
+            prefs_seen.append(prefs.flatten())
+            samples_seen += len(batch) * n
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scores, prefs = torch.cat(scores_seen), torch.cat(prefs_seen)
+        finite = scores[scores.isfinite()]  # human feedback: the averaged label scores (unlabelled: NaN)
+        run.guard(it, reward=finite, loss=stats["loss"], grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += len(batch) * n
 
         # TRY NOT TO MODIFY: logging
-        finite = scores[scores.isfinite()]  # human feedback: the batch's averaged label scores
         row |= {"reward_mean": finite.mean().item(), "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
                 **stats, "tie_frac": (prefs == 0).float().mean().item(), "grad_norm": grad_norm.item(),
                 "samples_seen": samples_seen}
-        if it == args.iters - 1:
-            row |= evaluate(it + 1)  # the final model, after the last update
-        log.log(row)
-    common.save_lora(pipe.unet, log.dir, optimizer, {"iter": args.iters, "samples_seen": samples_seen})
-    log.close("d3po")
+        run.log(row)
+    run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 
 
 if __name__ == "__main__":

@@ -14,19 +14,16 @@ Quick run on the toy world (CPU, a few minutes):
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5; DDPO-IS: 4 updates
 of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
     python ddpo.py --estimator is --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
-        --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 --updates-per-round 4 \
+        --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 --grad-accum 8 \
         --clip-range 1e-4 --lr 1e-5 --lora-rank 4 --iters 200
-and DDPO-SF with the same flags but `--estimator sf --updates-per-round 1`.
+and DDPO-SF with the same flags but `--estimator sf --grad-accum 32` (one update per round).
 """
 
 import random
-import sys
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tyro
 
 import common
 
@@ -38,13 +35,19 @@ class Args:
     model: str = common.TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
-    """reward name from rewards.py (need not be differentiable)"""
-    clip_model: str = common.TOY_MODEL
-    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
+    reward_model: str = ""
+    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
+    reward_query: str = ""
+    """objectness: the object to remove; empty = book (DRTune)"""
+    clip_model: str = "auto"
+    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
+    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
     clip_weight: float = 0.01
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
-    prompts: str = "toy"
-    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
+    prompts: str = "auto"
+    """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
+    toy for the toy model, else the reward's set (simple_animals, general or books)"""
     num_steps: int = 10
     """T: DDIM sampling steps, each one an MDP step (paper: 50)"""
     guidance_scale: float = 5.0
@@ -57,12 +60,13 @@ class Args:
     """images per sampling batch, and per training micro-batch (equal, so re-scoring repeats sampling)"""
     sample_batches: int = 4
     """sampling batches per round: samples per round = batch_size x sample_batches (paper: 256)"""
-    updates_per_round: int = 0
-    """optimizer updates per inner epoch; must divide --sample-batches; 0 = 1 for sf, 2 for is (paper IS: 4)"""
+    grad_accum: int = 0
+    """sampling batches per optimizer update (must divide --sample-batches); 0 = all of them for sf (one update
+    per round, eq. 3), half for is (paper IS: 4 updates per round)"""
     inner_epochs: int = 1
     """passes over each round's samples (is only; paper: 1)"""
     iters: int = 20
-    """rounds: one sampling round and its updates each"""
+    """iterations, each one round: sampling --sample-batches batches, then their updates"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 1e-5 on the full UNet; the toy model's small LoRA takes far larger steps)"""
     weight_decay: float = 1e-4
@@ -71,9 +75,13 @@ class Args:
     """gradient-norm clip (paper: 1.0)"""
     lora_rank: int = 4
     """LoRA rank"""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 = equal to the rank"""
     lora_targets: str = common.LORA_TARGETS
     """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
     to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
+    init_lora: str = ""
+    """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer"""
     clip_range: float = 1e-4
     """PPO clip range on the importance ratio (is only; paper F.1: 1e-4)"""
     adv_clip_max: float = 5.0
@@ -93,7 +101,17 @@ class Args:
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
-    """output folder; default runs/ddpo_<estimator>__<reward>__<seed>__<time>"""
+    """output folder (a new one; see --resume); default runs/ddpo_<estimator>__<reward>__<seed>__<time>"""
+    resume: str = ""
+    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
+    config: str = ""
+    """rerun with the settings of a run's args.json (flags given as well override them)"""
+    save_every: int = 10
+    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
+    budget: float = 0.0
+    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
+    budget_seconds: float = 0.0
+    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
@@ -101,9 +119,15 @@ class Args:
     threads: int = 2
     """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 5
-    """evaluate every N iterations (0 = only at the start and the end)"""
+    """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
-    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
+    eval_num_steps: int = 0
+    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
+    eval_guidance_scale: float = 0.0
+    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
 
 
 def check_args(args: Args):
@@ -123,17 +147,17 @@ def check_args(args: Args):
     for name in ("sample_batches", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
         if getattr(args, name) < 1:
             common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.estimator == "sf" and (args.updates_per_round not in (0, 1) or args.inner_epochs != 1):
-        common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; "
-                    "leave --updates-per-round and --inner-epochs at 0/1 or use --estimator is")
-    updates = args.updates_per_round or (1 if args.estimator == "sf" else 2)
-    if updates < 1 or args.sample_batches % updates:
-        common.fail(f"--updates-per-round {updates} must divide --sample-batches {args.sample_batches} "
-                    "(each update takes a whole number of micro-batches)")
+    grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 2))
+    if args.estimator == "sf" and (grad_accum != args.sample_batches or args.inner_epochs != 1):
+        common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
+                    f"(= --sample-batches) and --inner-epochs at 1, or use --estimator is")
+    if grad_accum < 0 or args.sample_batches % grad_accum:
+        common.fail(f"--grad-accum {grad_accum} must divide --sample-batches {args.sample_batches} "
+                    "(each update takes a whole number of sampling batches)")
     for name in ("adv_clip_max", "grad_clip", "ratio_tol"):
         if getattr(args, name) <= 0:
             common.fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    return prompts, updates
+    return prompts, grad_accum
 
 
 class PerPromptStatTracker:
@@ -143,17 +167,18 @@ class PerPromptStatTracker:
     normalised with the statistics of the whole current batch instead. Population std (ddof 0) + 1e-6.
     """
 
-    def __init__(self, buffer_size: int, min_count: int):
+    def __init__(self, buffer_size: int, min_count: int, buffers: dict[str, list]):
         self.buffer_size, self.min_count = buffer_size, min_count
-        self.buffers: dict[str, deque] = {}
+        self.buffers = buffers  # prompt -> its last rewards; the run's checkpointed state
 
     def update(self, prompts: list[str], rewards) -> np.ndarray:
         rewards = np.asarray(rewards, dtype=np.float64)
         advantages = np.empty_like(rewards)
         for prompt in dict.fromkeys(prompts):  # unique, in order of first appearance
             mask = np.array([p == prompt for p in prompts])
-            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer = self.buffers.setdefault(prompt, [])
             buffer.extend(rewards[mask].tolist())
+            del buffer[:-self.buffer_size]
             stats = np.array(buffer) if len(buffer) >= self.min_count else rewards
             advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
         return advantages
@@ -196,31 +221,35 @@ def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = tyro.cli(Args)
-    prompts, updates = check_args(args)
+    args = common.parse_args(Args, __file__)
+    prompts, grad_accum = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank, targets=args.lora_targets)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args)
+    reward_fn = common.reward_function(args, device, dtype)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"ddpo_{args.estimator}"
-    log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
+    run = common.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
     B, T = args.batch_size, args.num_steps
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     train_uncond = uncond if args.cfg_training else None
-    tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
+    tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count, run.state.setdefault("reward_buffers", {}))
 
-    def evaluate(it):
-        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
-                                         guidance_scale=args.guidance_scale, resolution=resolution)
-        log.save_images(images, f"eval_{it:05d}.png")
-        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
+                                         guidance_scale=args.eval_guidance_scale, resolution=resolution)
+        run.save_images(images, f"eval_{it:05d}.png")
+        row = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+        # the objective this method optimises: its own sampler (T, CFG, eta) on the same prompts and noise
+        scores, _ = common.evaluate(pipe, eval_set, reward_fn, num_steps=T, guidance_scale=args.guidance_scale,
+                                    eta=args.eta, resolution=resolution)
+        return row | {"policy_reward_mean": scores.mean().item(), "policy_reward_std": scores.std().item()}
 
-    samples_seen = 0
-    for it in range(args.iters):
+    samples_seen = run.last("samples_seen")
+    for it in run.iterations():
         row = {"iter": it}
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
@@ -242,6 +271,7 @@ def main():
             batch_prompts += batch
         latents, log_probs, timesteps, conds = (torch.cat(v) for v in (latents, log_probs, timesteps, conds))
         reward_all = torch.cat(reward_list)
+        run.guard(it, reward=reward_all)
         N = len(reward_all)
 
         # F.3: the normalised reward is the advantage of every step of its trajectory (the reward comes only
@@ -254,7 +284,7 @@ def main():
         # ALGO LOGIC: updates. Gradients accumulate over samples x trained timesteps (F.1), one
         # micro-batch and one timestep per backward so memory does not grow with T.
         n_train_t = max(1, int(T * args.timestep_fraction))
-        micro_per_update = args.sample_batches // updates
+        micro_per_update = grad_accum
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         grad_norms, first_update_done = [], False
         for _ in range(args.inner_epochs):
@@ -278,9 +308,9 @@ def main():
                     # Before the round's first update the policy is the sampling policy: the ratio must be 1.
                     # If not, re-scoring differs from sampling (precision, batching) and eq. 4 is wrong.
                     if not first_update_done and (ratio - 1).abs().max() > args.ratio_tol:
-                        sys.exit(f"error: importance ratio off by {(ratio - 1).abs().max().item():.2e} before the first update, "
-                                 f"more than --ratio-tol {args.ratio_tol}: re-scoring does not reproduce "
-                                 "sampling (try --dtype fp32)")
+                        run.stop(f"iteration {it}: importance ratio off by {(ratio - 1).abs().max().item():.2e} before "
+                                 f"the first update, more than --ratio-tol {args.ratio_tol}: re-scoring does not "
+                                 "reproduce sampling (try --dtype fp32)")
                     delta = log_prob.detach() - log_probs[idx, k]
                     stats["loss"].append(loss.mean().item())
                     stats["approx_kl"].append(0.5 * (delta**2).mean().item())  # as ddpo-pytorch logs it
@@ -288,6 +318,7 @@ def main():
                     stats["ratio"].append(ratio.mean().item())
                 if (m + 1) % micro_per_update == 0:
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
+                    run.guard(it, loss=stats["loss"][-micro_per_update * n_train_t:], grad_norm=grad_norms[-1])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     first_update_done = True
@@ -298,11 +329,8 @@ def main():
                 "loss": float(np.mean(stats["loss"])), "approx_kl": float(np.mean(stats["approx_kl"])),
                 "clipfrac": float(np.mean(stats["clipfrac"])), "ratio_mean": float(np.mean(stats["ratio"])),
                 "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen}
-        if it == args.iters - 1:
-            row |= evaluate(it + 1)  # the final model, after the last update
-        log.log(row)
-    common.save_lora(pipe.unet, log.dir, optimizer, {"iter": args.iters, "samples_seen": samples_seen})
-    log.close(run_name)
+        run.log(row)
+    run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 from PIL import Image
 
 import common
@@ -47,13 +46,19 @@ class Args:
     model: str = common.TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "symmetry"
-    """reward name from rewards.py (must be differentiable)"""
-    clip_model: str = common.TOY_MODEL
-    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
+    reward_model: str = ""
+    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
+    reward_query: str = ""
+    """objectness: the object to remove; empty = book (DRTune)"""
+    clip_model: str = "auto"
+    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
+    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
     clip_weight: float = 0.01
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
-    prompts: str = "toy"
-    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
+    prompts: str = "auto"
+    """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
+    toy for the toy model, else the reward's set (simple_animals, general or books)"""
     num_steps: int = 20
     """T: sampling steps (original: 40 DDPM steps)"""
     guidance_scale: float = 1.0
@@ -67,7 +72,7 @@ class Args:
     grad_accum: int = 1
     """micro-batches per optimizer update"""
     iters: int = 30
-    """optimizer updates (original: 100)"""
+    """iterations, each one optimizer update (original: 100)"""
     lr: float = 5e-3
     """AdamW learning rate (original: 1e-5, full UNet)"""
     weight_decay: float = 1e-2
@@ -81,6 +86,8 @@ class Args:
     lora_targets: str = common.LORA_TARGETS
     """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
     to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
+    init_lora: str = ""
+    """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer"""
     t1: int = 1
     """stop range [T1, T2]: the gradient step is drawn among the last T2..T1 steps (original: 1 of 40)"""
     t2: int = 5
@@ -93,14 +100,24 @@ class Args:
     """folder of captioned images for the pre-training loss (format in the docstring); empty = off"""
     pretrain_weight: float = 1.0
     """weight of the pre-training (denoising) loss when --pretrain-data is given"""
-    checkpoint: bool = True
-    """gradient checkpointing of every differentiable UNet call"""
-    vae_checkpoint: bool = False
+    gradient_checkpointing: bool = True
+    """recompute every differentiable UNet call in backward: activation memory O(1) in the trained steps"""
+    vae_gradient_checkpointing: bool = False
     """gradient checkpointing of the VAE decoder"""
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
-    """output folder; default runs/refl__<reward>__<seed>__<time>"""
+    """output folder (a new one; see --resume); default runs/refl__<reward>__<seed>__<time>"""
+    resume: str = ""
+    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
+    config: str = ""
+    """rerun with the settings of a run's args.json (flags given as well override them)"""
+    save_every: int = 10
+    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
+    budget: float = 0.0
+    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
+    budget_seconds: float = 0.0
+    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
@@ -108,9 +125,15 @@ class Args:
     threads: int = 2
     """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 10
-    """evaluate every N iterations (0 = only at the start and the end)"""
+    """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
-    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
+    eval_num_steps: int = 0
+    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
+    eval_guidance_scale: float = 0.0
+    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
 
 
 def read_pretrain_data(folder: str):
@@ -193,30 +216,31 @@ def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = tyro.cli(Args)
+    args = common.parse_args(Args, __file__)
     prompts, pretrain_pairs = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args)
+    reward_fn = common.reward_function(args, device, dtype)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    log = common.RunLog(args.run_dir or common.default_run_dir(__file__, args.reward, args.seed), args, args.iters)
+    run = common.Run(__file__, args, pipe.unet, optimizer, device)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps
     phi, lam = REWARD_DEFAULTS.get(args.reward, (args.phi, args.lam))
     phi, lam = phi if args.phi is None else args.phi, lam if args.lam is None else args.lam
 
-    def evaluate(it):
-        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
-                                         guidance_scale=args.guidance_scale, resolution=resolution)
-        log.save_images(images, f"eval_{it:05d}.png")
-        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
+                                         guidance_scale=args.eval_guidance_scale, resolution=resolution)
+        run.save_images(images, f"eval_{it:05d}.png")
+        row = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+        return row
 
-    samples_seen = 0
-    for it in range(args.iters):
+    samples_seen = run.last("samples_seen")
+    for it in run.iterations():
         row = {"iter": it}
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
@@ -231,8 +255,8 @@ def main():
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
                                  eta=args.eta, grad_steps=grad_steps, stop_step=stop_step,
-                                 checkpoint=args.checkpoint)
-            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_checkpoint)  # decoded x0 prediction
+                                 checkpoint=args.gradient_checkpointing)
+            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_gradient_checkpointing)  # decoded x0 prediction
             reward = reward_fn(images, batch)
             loss = lam * torch.relu(phi - reward).mean()  # ReFL loss: lambda * ReLU(phi - r)
             if pretrain_pairs:  # the paper's regulariser; the SDXL scripts instead alternate two optimizer steps
@@ -244,22 +268,20 @@ def main():
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        reward_all = torch.cat(rewards_seen)
+        run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         samples_seen += args.batch_size * args.grad_accum
 
         # TRY NOT TO MODIFY: logging
-        reward_all = torch.cat(rewards_seen)
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
                 "t_stop": T - stop_step, "trained_steps": grad_steps}
         if pretrain_pairs:
             row["pretrain_loss"] = pretrain_total
-        if it == args.iters - 1:
-            row |= evaluate(it + 1)  # the final model, after the last update
-        log.log(row)
-    common.save_lora(pipe.unet, log.dir, optimizer, {"iter": args.iters, "samples_seen": samples_seen})
-    log.close("refl")
+        run.log(row)
+    run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ lr 1e-5, beta 0.2 on the raw reward as in the JAX code; sparse: percentile 90; t
 UNet, here LoRA) on a GPU:
     python rwr.py --weighting softmax --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
         --num-steps 50 --guidance-scale 5.0 --batch-size 16 --sample-batches 625 --samples-per-prompt 1 \
-        --grad-accum 8 --updates-per-round 400 --lr 1e-5 --beta 0.2 --no-normalize --lora-rank 4 --iters 6
+        --grad-accum 8 --updates-per-round 400 --lr 1e-5 --inverse-temperature 0.2 --no-normalize --lora-rank 4 \
+        --iters 6
 and RWR-sparse with the same flags but `--weighting sparse --percentile 90`.
 """
 
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tyro
 
 import common
 
@@ -38,13 +38,19 @@ class Args:
     model: str = common.TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
-    """reward name from rewards.py (need not be differentiable)"""
-    clip_model: str = common.TOY_MODEL
-    """CLIP for the clipscore reward and the symmetry regulariser: hub id or local folder; toy = toyworld/clip"""
+    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
+    reward_model: str = ""
+    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
+    reward_query: str = ""
+    """objectness: the object to remove; empty = book (DRTune)"""
+    clip_model: str = "auto"
+    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
+    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
     clip_weight: float = 0.01
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
-    prompts: str = "toy"
-    """prompt set name (a file in prompts/; evaluation uses <set>_eval if it exists) or a text file, one prompt per line"""
+    prompts: str = "auto"
+    """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
+    toy for the toy model, else the reward's set (simple_animals, general or books)"""
     num_steps: int = 10
     """T: DDIM sampling steps (paper: 50)"""
     guidance_scale: float = 5.0
@@ -64,7 +70,7 @@ class Args:
     updates_per_round: int = 8
     """optimizer updates per round, cycling over the round's kept samples (paper: 400)"""
     iters: int = 12
-    """rounds: one sampling round and its updates each (paper: 6 rounds)"""
+    """iterations, each one round: sampling, then --updates-per-round updates (paper: 6 rounds)"""
     lr: float = 1e-3
     """AdamW learning rate (paper: 1e-5 on the full UNet)"""
     weight_decay: float = 1e-4
@@ -73,11 +79,15 @@ class Args:
     """gradient-norm clip (paper: 1.0)"""
     lora_rank: int = 4
     """LoRA rank"""
+    lora_alpha: float = 0.0
+    """LoRA alpha; 0 = equal to the rank"""
     lora_targets: str = common.LORA_TARGETS
     """UNet layers given LoRA (comma-separated name suffixes): attention projections and ResNet convs;
     to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
-    beta: float = 1.0
-    """inverse temperature of the softmax weights (paper: 0.2 on the raw reward)"""
+    init_lora: str = ""
+    """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer"""
+    inverse_temperature: float = 1.0
+    """beta of the softmax weights w = exp(beta r) / Z (paper: 0.2 on the raw reward)"""
     normalize: bool = True
     """standardise rewards per prompt before the softmax (F.3), so beta does not depend on the reward's scale"""
     percentile: float = 90.0
@@ -87,7 +97,17 @@ class Args:
     seed: int = 0
     """random seed (same seed on the CPU -> identical run)"""
     run_dir: str = ""
-    """output folder; default runs/rwr_<weighting>__<reward>__<seed>__<time>"""
+    """output folder (a new one; see --resume); default runs/rwr_<weighting>__<reward>__<seed>__<time>"""
+    resume: str = ""
+    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
+    config: str = ""
+    """rerun with the settings of a run's args.json (flags given as well override them)"""
+    save_every: int = 10
+    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
+    budget: float = 0.0
+    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
+    budget_seconds: float = 0.0
+    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     dtype: str = "auto"
@@ -95,9 +115,15 @@ class Args:
     threads: int = 2
     """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
     eval_every: int = 4
-    """evaluate every N iterations (0 = only at the start and the end)"""
+    """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
-    """number of fixed evaluation prompts (fixed noise, deterministic DDIM)"""
+    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
+    eval_num_steps: int = 0
+    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
+    eval_guidance_scale: float = 0.0
+    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
 
 
 def check_args(args: Args):
@@ -114,8 +140,8 @@ def check_args(args: Args):
     if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
         common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
                     f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
-    if args.beta <= 0 or args.grad_clip <= 0:
-        common.fail("--beta and --grad-clip must be positive")
+    if args.inverse_temperature <= 0:
+        common.fail(f"--inverse-temperature must be positive (got {args.inverse_temperature})")
     return prompts
 
 
@@ -162,30 +188,34 @@ def weighted_denoising_loss(prediction, target, weights):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = tyro.cli(Args)
+    args = common.parse_args(Args, __file__)
     prompts = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device)
     resolution = args.resolution or common.native_resolution(pipe)
-    params = common.add_lora(pipe.unet, args.lora_rank, targets=args.lora_targets)
+    params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args)
+    reward_fn = common.reward_function(args, device, dtype)
     eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"rwr_{args.weighting}"
-    log = common.RunLog(args.run_dir or common.default_run_dir(run_name, args.reward, args.seed), args, args.iters)
+    run = common.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
     B, T, scheduler = args.batch_size, args.num_steps, pipe.scheduler
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     N = B * args.sample_batches
 
-    def evaluate(it):
-        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=T,
-                                         guidance_scale=args.guidance_scale, resolution=resolution)
-        log.save_images(images, f"eval_{it:05d}.png")
-        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+        scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
+                                         guidance_scale=args.eval_guidance_scale, resolution=resolution)
+        run.save_images(images, f"eval_{it:05d}.png")
+        row = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
+        # the objective this method optimises: its own sampler (T, CFG, eta) on the same prompts and noise
+        scores, _ = common.evaluate(pipe, eval_set, reward_fn, num_steps=T, guidance_scale=args.guidance_scale,
+                                    eta=args.eta, resolution=resolution)
+        return row | {"policy_reward_mean": scores.mean().item(), "policy_reward_std": scores.std().item()}
 
-    samples_seen = 0
-    for it in range(args.iters):
+    samples_seen = run.last("samples_seen")
+    for it in run.iterations():
         row = {"iter": it}
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
@@ -208,9 +238,10 @@ def main():
             x0.append(out)
             conds.append(cond)
         x0, conds, reward_all = torch.cat(x0), torch.cat(conds), torch.cat(reward_list)
+        run.guard(it, reward=reward_all)
 
         if args.weighting == "softmax":
-            weights = softmax_weights(reward_all.cpu(), round_prompts, args.beta, args.normalize)
+            weights = softmax_weights(reward_all.cpu(), round_prompts, args.inverse_temperature, args.normalize)
         else:
             weights = sparse_weights(reward_all.cpu(), round_prompts, args.percentile)
         weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
@@ -236,6 +267,7 @@ def main():
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
             grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
+            run.guard(it, loss=losses[-args.grad_accum:], grad_norm=grad_norms[-1])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         samples_seen += N
@@ -244,11 +276,8 @@ def main():
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
-        if it == args.iters - 1:
-            row |= evaluate(it + 1)  # the final model, after the last update
-        log.log(row)
-    common.save_lora(pipe.unet, log.dir, optimizer, {"iter": args.iters, "samples_seen": samples_seen})
-    log.close(run_name)
+        run.log(row)
+    run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class Trace:
 
 
 def run_main(module, argv, monkeypatch, run_dir):
-    """module.main() on `argv` with hooks installed -> (Trace, metrics rows)."""
+    """module.main() on `argv` with hooks installed -> (Trace, the metrics rows of the iterations; the final
+    evaluation's row is checked and left out)."""
     trace = Trace()
     load = common.load_pipeline
 
@@ -91,12 +92,13 @@ def run_main(module, argv, monkeypatch, run_dir):
 
     monkeypatch.setattr(common, "load_pipeline", load_with_hooks)
     reward = argv[argv.index("--reward") + 1]
-    fn, differentiable = rewards.REWARDS[reward]
-    monkeypatch.setitem(rewards.REWARDS, reward, (trace.wrap_reward(fn), differentiable))
+    entry = rewards.REWARDS[reward]
+    monkeypatch.setitem(rewards.REWARDS, reward, (trace.wrap_reward(entry[0]), *entry[1:]))
     monkeypatch.setattr(sys, "argv", [module.__file__, *argv, "--run-dir", str(run_dir)])
     module.main()
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return trace, rows
+    assert rows[-1]["final"] and "eval_reward_mean" in rows[-1]
+    return trace, rows[:-1]
 
 
 def expect_bad_input(module, argv, monkeypatch, capsys, tmp_path, needle: str):
@@ -127,14 +129,13 @@ def run_scripts(script: str, *argvs):
 
 
 def check_run_dir(run_dir, iters: int):
-    """metrics.jsonl has one row per update, eval at the start and after the last update; LoRA and the
-    optimizer state saved for a resume."""
+    """metrics.jsonl has one row per update, eval at the start, and a final row with the eval after the last
+    update; the LoRA and the checkpoint a resume needs."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == list(range(iters))
+    assert [r["iter"] for r in rows] == list(range(iters + 1)) and rows[-1]["final"]
     assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[:-1])
     assert (Path(run_dir) / "pytorch_lora_weights.safetensors").is_file()
-    state = json.loads((Path(run_dir) / "state.json").read_text())
-    assert state == {"iter": iters, "samples_seen": rows[-1]["samples_seen"]}
-    assert (Path(run_dir) / "optimizer.pt").is_file()
-    return rows
+    checkpoint = common.load_checkpoint(run_dir)
+    assert checkpoint["iter"] == iters and checkpoint["rows"] == rows
+    return rows[:-1]

@@ -1,5 +1,11 @@
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,25 +298,6 @@ def test_evaluate_is_deterministic_and_independent_of_the_global_seed(pipe):
     assert torch.equal(scores[0], scores[1])
 
 
-def test_run_log_writes_jsonl_and_refuses_to_overwrite(tmp_path, capsys):
-    from dataclasses import dataclass
-
-    @dataclass
-    class A:
-        x: int = 1
-
-    log = common.RunLog(str(tmp_path / "run"), A(), total=2)
-    log.log({"iter": 0, "loss": torch.tensor(0.5), "eval_reward_mean": 1.0})
-    log.log({"iter": 1, "loss": 0.25, "eval_reward_mean": 2.0})
-    log.close("test")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1] and rows[0]["loss"] == 0.5 and "wall_time_s" in rows[0]
-    assert "1.0000 -> 2.0000" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        common.RunLog(str(tmp_path / "run"), A(), total=1)
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # untouched
-
-
 def test_eval_prompts_are_spread_and_fixed():
     prompts = [f"p{i}" for i in range(10)]
     assert common.eval_prompts("my.txt", prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
@@ -322,3 +309,300 @@ def test_toy_prompts_evaluate_on_their_held_out_companion_set():
     train, held_out = common.load_prompts("toy"), common.load_prompts("toy_eval")
     chosen = common.eval_prompts("toy", train, 8)
     assert chosen == held_out * 2 and not set(chosen) & set(train)
+
+
+# --- runs that survive: checkpoints, exact resume, --init-lora, the NaN guard, bad input -------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_REWARD = "tests/user_rewards.py:brightness"  # brightness, with faults on demand (see the module)
+TINY_RUN = ["--model", "embedded-tiny-sd", "--reward", USER_REWARD, "--eval-size", "2", "--eval-every", "2",
+            "--threads", "1", "--save-every", "1", "--iters", "5"]
+METHODS = {  # each script (and variant) with a tiny setting of its own flags
+    "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--m", "1", "--batch-size", "2"],
+    "draft": ["draft.py", "--num-steps", "3", "--K", "1", "--lv", "1", "--batch-size", "2"],
+    "refl": ["refl.py", "--num-steps", "4", "--t1", "1", "--t2", "2", "--batch-size", "2", "--phi", "1", "--lam", "1"],
+    "alignprop": ["alignprop.py", "--num-steps", "4", "--batch-size", "2"],
+    "ddpo": ["ddpo.py", "--estimator", "is", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2"],
+    "rwr": ["rwr.py", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2", "--samples-per-prompt", "2",
+            "--updates-per-round", "2"],
+    "d3po": ["d3po.py", "--num-steps", "3", "--batch-size", "2"],
+}
+
+
+def launch(script, *flags, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *flags], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def metrics(run_dir):
+    """metrics.jsonl without the wall times (the only field two identical runs may differ in)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+
+
+def lora(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_run_killed_mid_way_resumes_to_exactly_the_uninterrupted_run(method, tmp_path):
+    script, *flags = METHODS[method]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    runs = [launch(script, *TINY_RUN, *flags, "--run-dir", str(whole)),
+            launch(script, *TINY_RUN, *flags, "--run-dir", str(killed), env={"KILL_AT_CALL": "5"})]
+    uninterrupted, crashed = (finish(p) for p in runs)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert crashed.returncode == -signal.SIGKILL  # SIGKILLed by its reward, mid-iteration
+    done = common.load_checkpoint(killed)["iter"]
+    assert 0 < done < 5 and len(metrics(killed)) >= done  # the rows of an unfinished iteration may be there
+    resumed = finish(launch(script, "--resume", str(killed)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(killed) == metrics(whole)
+    a, b = lora(whole), lora(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((killed / "args.json").read_text())["_meta"]["resumed_at"] == done
+
+
+def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
+    script, *flags = METHODS["drtune"]
+    flags = [*TINY_RUN, *flags, "--iters", "40"]
+    whole = launch(script, *flags, "--run-dir", str(tmp_path / "whole"))
+    stopped = launch(script, *flags, "--run-dir", str(tmp_path / "stopped"))
+    deadline = time.time() + 120
+    while not (tmp_path / "stopped" / "eval_00002.png").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGINT)
+    result = finish(stopped)
+    assert result.returncode == 130 and f"--resume {tmp_path / 'stopped'}" in result.stderr
+    done = common.load_checkpoint(tmp_path / "stopped")["iter"]
+    assert 2 <= done < 40 and len(metrics(tmp_path / "stopped")) == done  # the iteration finished, then it stopped
+    assert finish(launch(script, "--resume", str(tmp_path / "stopped"))).returncode == 0
+    assert finish(whole).returncode == 0
+    assert metrics(tmp_path / "stopped") == metrics(tmp_path / "whole")
+
+
+def test_a_checkpoint_write_interrupted_at_any_stage_leaves_the_previous_one_loadable(pipe, tmp_path, monkeypatch):
+    import drtune
+
+    params = common.add_lora(pipe.unet, 2)
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    args = drtune.Args(run_dir=str(tmp_path / "run"))
+    run = common.Run("drtune.py", args, pipe.unet, optimizer, "cpu")
+    run.next_iter = 1
+    run.save()
+    before = common.load_checkpoint(tmp_path / "run")
+
+    def explode(*a, **k):
+        raise OSError("disk gone")
+
+    def half_then_explode(obj, f, *a, **k):
+        f.write(b"\x80\x02half a checkpoint")
+        raise OSError("killed")
+
+    for stage in (("torch.save", half_then_explode), ("os.fsync", explode), ("os.replace", explode)):
+        with monkeypatch.context() as m:
+            m.setattr(*stage)
+            torch.nn.init.normal_(params[0])  # something new to save
+            run.next_iter += 1
+            with pytest.raises(OSError):
+                run.save()
+        after = common.load_checkpoint(tmp_path / "run")
+        assert after["iter"] == before["iter"] and all(torch.equal(after["lora"][k], before["lora"][k])
+                                                        for k in before["lora"])
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+            "args.json", "checkpoint.pt", "metrics.jsonl", "pytorch_lora_weights.safetensors"]  # no leftovers
+    run.save()  # and the next write goes through
+    assert common.load_checkpoint(tmp_path / "run")["iter"] == run.next_iter
+
+
+def test_the_nan_guard_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
+    script, *flags = METHODS["drtune"]
+    # calls: the eval before iteration 0, then one per iteration (no eval in between): call 5 is iteration 3
+    result = finish(launch(script, *TINY_RUN, *flags, "--eval-every", "0", "--run-dir", str(tmp_path / "run"),
+                           env={"NAN_AT_CALL": "5"}))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "iteration 3: non-finite reward (nan)" in lines[0] and "iteration 3)" in lines[0]
+    checkpoint = common.load_checkpoint(tmp_path / "run")
+    assert checkpoint["iter"] == 3 and [r["iter"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
+    weights = lora(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_non_finite_weights_are_never_saved(pipe, tmp_path, capsys):
+    import drtune
+
+    params = common.add_lora(pipe.unet, 2)
+    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
+                     torch.optim.AdamW(params, lr=0.1), "cpu")
+    run.next_iter = 1
+    run.save()
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes(), lora(tmp_path / "run")
+    with torch.no_grad():
+        params[3][0] = float("inf")
+    run.next_iter = 2
+    with pytest.raises(SystemExit) as stop:
+        run.save()
+    assert stop.value.code == 3 and "iteration 1: non-finite LoRA weights" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved[0]
+    assert all(torch.equal(v, saved[1][k]) for k, v in lora(tmp_path / "run").items())
+
+
+def test_resume_refuses_a_changed_run_and_allows_a_longer_one(tmp_path, capsys, monkeypatch):
+    import drtune
+
+    script, *flags = METHODS["drtune"]
+    run = tmp_path / "run"
+    assert finish(launch(script, *TINY_RUN, *flags, "--iters", "2", "--run-dir", str(run))).returncode == 0
+    for changed in (["--lr", "0.5"], ["--K", "3"], ["--lora-rank", "2"], ["--reward", "brightness"]):
+        monkeypatch.setattr(sys, "argv", ["drtune.py", "--resume", str(run), *changed])
+        with pytest.raises(SystemExit) as stop:
+            common.parse_args(drtune.Args, "drtune.py")
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and changed[0] in err and "would change" in err
+    monkeypatch.setattr(sys, "argv", ["drtune.py", "--resume", str(run), "--iters", "3", "--eval-every", "1"])
+    args = common.parse_args(drtune.Args, "drtune.py")
+    assert args.iters == 3 and args.run_dir == str(run) and args.K == 2
+    longer = finish(launch(script, "--resume", str(run), "--iters", "3"))
+    assert longer.returncode == 0, longer.stderr
+    assert [r["iter"] for r in metrics(run)] == [0, 1, 2, 3] and metrics(run)[-1]["final"]
+    done = finish(launch(script, "--resume", str(run), "--iters", "3"))  # nothing left to run
+    assert done.returncode == 0 and "has run its 3 iterations" in done.stderr
+
+
+def test_config_reruns_a_run_and_args_json_records_where_it_ran(tmp_path):
+    script, *flags = METHODS["alignprop"]
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert finish(launch(script, *TINY_RUN, *flags, "--iters", "2", "--run-dir", str(first))).returncode == 0
+    meta = json.loads((first / "args.json").read_text())["_meta"]
+    assert meta["script"] == "alignprop.py" and meta["device"] == "cpu"
+    assert {"torch", "diffusers", "transformers", "peft", "python"} <= set(meta["versions"])
+    assert "git_commit" in meta and meta["command"][0] == "alignprop.py"
+    result = finish(launch(script, "--config", str(first / "args.json"), "--run-dir", str(again)))
+    assert result.returncode == 0, result.stderr
+    assert metrics(again) == metrics(first)
+    other = finish(launch("drtune.py", "--config", str(first / "args.json")))
+    assert other.returncode == 2 and "written by alignprop.py" in other.stderr
+
+
+def test_init_lora_starts_from_a_saved_lora_with_a_fresh_optimizer(tmp_path):
+    script, *flags = METHODS["draft"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert finish(launch(script, *TINY_RUN, *flags, "--iters", "2", "--run-dir", str(first))).returncode == 0
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--init-lora", str(first),
+                           "--run-dir", str(second)))
+    assert result.returncode == 0, result.stderr
+    # the second run's first evaluation is the first run's last: the same model, the same eval noise
+    assert metrics(second)[0]["eval_reward_mean"] == metrics(first)[-1]["eval_reward_mean"]
+    assert common.load_checkpoint(second)["optimizer"]["state"][0]["step"] == 1  # fresh: one step, not three
+    file = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--init-lora",
+                         str(first / "pytorch_lora_weights.safetensors"), "--run-dir", str(tmp_path / "file")))
+    assert file.returncode == 0 and metrics(tmp_path / "file")[0] == metrics(second)[0]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
+    script, *flags = METHODS["drtune"]
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "3", "--progress-every", "0.001",
+                           "--run-dir", str(tmp_path / "run")))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("drtune: iter")]
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("s/it" in line and "ETA" in line and "reward_mean" in line for line in lines)
+
+
+def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda *a: "20261202-120000")
+    dirs = {common.new_run_dir("drtune", "hpsv2+0.5*clipscore", 0) for _ in range(3)}
+    assert len(dirs) == 3 and all(d.is_dir() and "*" not in str(d) and "+" not in str(d) for d in dirs)
+
+
+def test_iters_1_keeps_the_eval_before_training(tmp_path):
+    script, *flags = METHODS["refl"]
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--eval-every", "1",
+                           "--run-dir", str(tmp_path / "run")))
+    assert result.returncode == 0, result.stderr
+    rows = metrics(tmp_path / "run")
+    assert "eval_reward_mean" in rows[0] and rows[1]["final"] and rows[1]["eval_reward_mean"] != rows[0]["eval_reward_mean"]
+    assert f"{rows[0]['eval_reward_mean']:.4f} -> {rows[1]['eval_reward_mean']:.4f}" in result.stdout
+
+
+BAD_INPUT = [  # (script, flags, what the one line must name)
+    ("drtune.py", ["--lr", "inf"], "--lr must be a finite number"),
+    ("drtune.py", ["--lr", "nan"], "--lr"),
+    ("drtune.py", ["--lr", "-1"], "--lr must be positive"),
+    ("drtune.py", ["--lr", "1e38"], "--lr must be at most 1"),
+    ("alignprop.py", ["--grad-clip", "nan"], "--grad-clip"),
+    ("draft.py", ["--eta", "-1"], "--eta must be in [0, 1]"),
+    ("draft.py", ["--eta", "2"], "--eta must be in [0, 1]"),
+    ("refl.py", ["--threads", "-3"], "--threads must be non-negative"),
+    ("drtune.py", ["--seed", "-1"], "--seed must be non-negative"),
+    ("drtune.py", ["--K", "abc"], "--K"),
+    ("drtune.py", ["--no-such-flag", "1"], "--no-such-flag"),
+    ("rwr.py", ["--iters"], "--iters"),
+    ("ddpo.py", ["--budget", "-5"], "--budget must be non-negative"),
+    ("ddpo.py", ["--budget-seconds", "inf"], "--budget-seconds"),
+    ("d3po.py", ["--save-every", "-1"], "--save-every"),
+    ("draft.py", ["--progress-every", "0"], "--progress-every must be positive"),
+    ("drtune.py", ["--eval-size", "1"], "--eval-size"),
+    ("drtune.py", ["--dtype", "fp64"], "--dtype"),
+    ("drtune.py", ["--device", "tpu"], "--device"),
+    ("drtune.py", ["--lora-targets", "to_qq"], "to_qq"),
+    ("drtune.py", ["--lora-alpha", "-2"], "--lora-alpha"),
+    ("ddpo.py", ["--eta", "0"], "--eta"),
+    ("ddpo.py", ["--clip-range", "0"], "--clip-range"),
+    ("ddpo.py", ["--sample-batches", "3", "--grad-accum", "2"], "divide"),
+    ("rwr.py", ["--percentile", "100"], "--percentile"),
+    ("rwr.py", ["--inverse-temperature", "0"], "--inverse-temperature"),
+    ("d3po.py", ["--samples-per-prompt", "1"], "--samples-per-prompt"),
+    ("d3po.py", ["--clip-range", "1"], "--clip-range"),
+    ("d3po.py", ["--ref-lora", "/nonexistent/lora"], "/nonexistent/lora"),
+    ("draft.py", ["--lv", "-1"], "--lv"),
+    ("refl.py", ["--t1", "0"], "--t1"),
+    ("alignprop.py", ["--truncation", "sideways"], "--truncation"),
+    ("drtune.py", ["--resume", "/nonexistent/run"], "/nonexistent/run"),
+    ("drtune.py", ["--config", "/nonexistent/args.json"], "/nonexistent/args.json"),
+    ("drtune.py", ["--init-lora", "/nonexistent/lora"], "/nonexistent/lora"),
+    ("drtune.py", ["--prompts", "BINARY"], "not a UTF-8 text file"),
+    ("drtune.py", ["--prompts", "EMPTY"], "no prompts"),
+    ("drtune.py", ["--run-dir", "A_FILE"], "is a file"),
+    ("drtune.py", ["--run-dir", "/proc/no/run"], "not writable"),
+    ("drtune.py", ["--model", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--prompts", "toy"], "toy world"),
+    ("drtune.py", ["--model", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--clip-model", "toy"], "toy world"),
+]
+
+
+@pytest.mark.parametrize("script,flags,needle", BAD_INPUT, ids=[f"{s}:{' '.join(f)}" for s, f, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_before_any_work(script, flags, needle, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    files = {"BINARY": tmp_path / "prompts.bin", "EMPTY": tmp_path / "empty.txt", "A_FILE": tmp_path / "a_file"}
+    files["BINARY"].write_bytes(bytes(range(256)))
+    files["EMPTY"].write_text("\n \n")
+    files["A_FILE"].write_text("not a directory")
+    flags = [str(files.get(f, f)) for f in flags]
+    run_dir = [] if "--run-dir" in flags else ["--run-dir", str(tmp_path / "never")]
+    module = importlib.import_module(Path(script).stem)
+    monkeypatch.setattr(sys, "argv", [script, *flags, *run_dir])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert not (tmp_path / "never").exists() and not Path("/proc/no").exists()
+    assert files["A_FILE"].read_text() == "not a directory"
+
+
+def test_a_parse_error_from_the_command_line_is_one_line_and_help_is_kept():
+    bad = subprocess.run([sys.executable, str(ROOT / "drtune.py"), "--K", "abc"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert "--K" in bad.stderr and "abc" in bad.stderr
+    help = subprocess.run([sys.executable, str(ROOT / "drtune.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert help.returncode == 0 and "--resume" in help.stdout and "--init-lora" in help.stdout

@@ -103,12 +103,12 @@ def test_reference_is_the_pretrained_unet_and_adapters_come_back(pipe):
     x_t, x_prev, t = latents[:, :, 1].flatten(0, 1), latents[:, :, 2].flatten(0, 1), timesteps[1]
     cond2, uncond2 = cond.expand(2, -1, -1), uncond.expand(2, -1, -1)
     # LoRA starts as the identity (B = 0): ratio exactly 1
-    assert torch.equal(d3po.step_log_ratio(pipe, x_t, x_prev, t, cond2, uncond2, args), torch.zeros(2))
+    assert torch.equal(d3po.step_log_ratio(pipe, x_t, x_prev, t, cond2, uncond2, None, args), torch.zeros(2))
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    log_ratio = d3po.step_log_ratio(pipe, x_t, x_prev, t, cond2, uncond2, args)
+    log_ratio = d3po.step_log_ratio(pipe, x_t, x_prev, t, cond2, uncond2, None, args)
     assert log_ratio.abs().min() > 0 and log_ratio.requires_grad
     # the reference term equals the full pretrained copy's log-prob
     def log_prob(unet):
@@ -130,12 +130,14 @@ def test_reference_is_the_pretrained_unet_and_adapters_come_back(pipe):
 def test_reward_feedback_run(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "d3po.py"), *TINY, "--iters", "2", "--batch-size", "2",
-                           "--per-prompt", "3", "--eval-every", "1", "--run-dir", str(run)],
+                           "--samples-per-prompt", "3", "--eval-every", "1", "--run-dir", str(run)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1] and rows[-1]["samples_seen"] == 12
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
     assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
+    rows = rows[:-1]
+    assert rows[-1]["samples_seen"] == 12
     for key in ("reward_mean", "reward_std", "loss", "wall_time_s", "tie_frac", "clip_frac"):
         assert all(key in r for r in rows)
     # first update: LoRA is the identity, so every ratio is 1 and the loss is exactly log 2
@@ -150,7 +152,7 @@ def samples(tmp_path_factory):
     """A --phase sample run dir: 3 prompts x 3 images, T = 2."""
     run = tmp_path_factory.mktemp("human") / "samples"
     proc = subprocess.run([sys.executable, str(ROOT / "d3po.py"), "--feedback", "human", "--phase", "sample",
-                           *TINY, "--num-prompts", "3", "--per-prompt", "3", "--run-dir", str(run)],
+                           *TINY, "--num-prompts", "3", "--samples-per-prompt", "3", "--run-dir", str(run)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return run
@@ -158,7 +160,7 @@ def samples(tmp_path_factory):
 
 def page_export(meta, choices, annotator="a"):
     """A labels file exactly as label.html's exportLabels writes it."""
-    n = meta["per_prompt"]
+    n = meta["samples_per_prompt"]
     return {"format": d3po.LABELS_FORMAT, "samples_id": meta["samples_id"], "annotator": annotator,
             "labels": [{"prompt": p, "choice": c,
                         "scores": None if c is None else [int(c == i) for i in range(n)]}
@@ -167,7 +169,7 @@ def page_export(meta, choices, annotator="a"):
 
 def test_sample_phase_writes_everything(samples):
     meta = json.loads((samples / "samples.json").read_text())
-    assert len(meta["prompts"]) == 3 and meta["per_prompt"] == 3 and meta["num_steps"] == 2
+    assert len(meta["prompts"]) == 3 and meta["samples_per_prompt"] == 3 and meta["num_steps"] == 2
     for group in meta["images"]:
         assert len(group) == 3 and all((samples / name).is_file() for name in group)
     stored = d3po.load_file(samples / "trajectories.safetensors")
@@ -189,10 +191,10 @@ def test_human_round_trip_averages_annotators(samples, tmp_path, monkeypatch):
     before = snapshot(samples)
     run = tmp_path / "trained"
     run_main(monkeypatch, "--feedback", "human", "--phase", "train", "--samples", str(samples), "--labels",
-             str(alice), str(bob), *TINY, "--per-prompt", "3", "--iters", "2", "--batch-size", "1",
+             str(alice), str(bob), *TINY, "--samples-per-prompt", "3", "--iters", "2", "--batch-size", "1",
              "--run-dir", str(run))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[-1]["samples_seen"] == 6 and "eval_reward_mean" in rows[-1]
+    assert len(rows) == 3 and rows[1]["samples_seen"] == 6 and "eval_reward_mean" in rows[-1]
     assert rows[0]["loss"] == pytest.approx(math.log(2)) and rows[1]["abs_log_ratio"] > 0
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     assert snapshot(samples) == before  # the samples are read, never rewritten
@@ -227,13 +229,13 @@ def expect_usage_error(monkeypatch, capsys, argv, run_dir: Path, message: str):
 def test_bad_input_fails_before_any_work(samples, tmp_path, monkeypatch, capsys):
     meta = json.loads((samples / "samples.json").read_text())
     before = snapshot(samples)
-    train = ["--feedback", "human", "--phase", "train", "--samples", str(samples), *TINY, "--per-prompt", "3"]
+    train = ["--feedback", "human", "--phase", "train", "--samples", str(samples), *TINY, "--samples-per-prompt", "3"]
     expect_usage_error(monkeypatch, capsys, train, tmp_path / "r0", "needs --labels")
     for i, (name, path) in enumerate(bad_label_files(meta, tmp_path).items()):
         expect_usage_error(monkeypatch, capsys, [*train, "--labels", str(path)], tmp_path / f"r{i + 1}", "--labels")
     expect_usage_error(monkeypatch, capsys, [*train[:-1], "2", "--labels", str(tmp_path / "x.json")],
-                       tmp_path / "r9", "--per-prompt 2 differs")
-    expect_usage_error(monkeypatch, capsys, ["--per-prompt", "1"], tmp_path / "r10", "--per-prompt must be at least 2")
+                       tmp_path / "r9", "--samples-per-prompt 2 differs")
+    expect_usage_error(monkeypatch, capsys, ["--samples-per-prompt", "1"], tmp_path / "r10", "--samples-per-prompt must be at least 2")
     expect_usage_error(monkeypatch, capsys, ["--eta", "0"], tmp_path / "r11", "--eta must be > 0")
     expect_usage_error(monkeypatch, capsys, ["--feedback", "human"], tmp_path / "r12", "--phase sample or --phase train")
     tampered = tmp_path / "tampered"

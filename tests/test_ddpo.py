@@ -72,7 +72,7 @@ def test_on_policy_the_clipped_estimator_has_the_score_function_gradient():
 
 
 def test_per_prompt_tracker_uses_batch_stats_until_min_count_then_its_own_buffer():
-    tracker = ddpo.PerPromptStatTracker(buffer_size=3, min_count=2)
+    tracker = ddpo.PerPromptStatTracker(buffer_size=3, min_count=2, buffers={})
     # Round 1: "a" has 2 rewards (enough) -> its own mean 2, std 1; "b" has 1 -> the batch's
     # statistics over [1, 3, 10]: mean 14/3, population std sqrt(134/9).
     adv = tracker.update(["a", "a", "b"], [1.0, 3.0, 10.0])
@@ -136,22 +136,23 @@ def test_first_minibatch_ratio_is_exactly_one_on_the_real_rollout_and_moves_afte
 # --- the script ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("estimator,extra,updates", [("is", ["--updates-per-round", "2"], 2), ("sf", [], 1)])
+@pytest.mark.parametrize("estimator,extra,updates", [("is", ["--grad-accum", "1"], 2), ("sf", [], 1)])
 def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("--estimator", estimator, *TINY, "--sample-batches", "2", *extra, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1]
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
+    rows, final = rows[:-1], rows[-1]
     for row in rows:
         assert {"reward_mean", "reward_std", "loss", "wall_time_s", "approx_kl", "clipfrac", "ratio_mean"} <= set(row)
         assert row["updates"] == updates
     assert [r["samples_seen"] for r in rows] == [4, 8]
-    assert ["eval_reward_mean" in r for r in rows] == [True, True]  # before training and after the last update
+    assert ["eval_reward_mean" in r for r in rows] == [True, False] and "eval_reward_mean" in final
     if estimator == "sf":  # on-policy: every sample is re-scored before the round's single update
         assert all(r["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and r["clipfrac"] == 0.0 for r in rows)
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
-    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 2, "samples_seen": 8}
+    assert common.load_checkpoint(run_dir)["iter"] == 2
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -159,8 +160,8 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     (["--clip-range", "0.0"], "--clip-range"),
     (["--timestep-fraction", "0.0"], "--timestep-fraction"),
     (["--timestep-fraction", "1.5"], "--timestep-fraction"),
-    (["--sample-batches", "3", "--updates-per-round", "2"], "divide"),
-    (["--estimator", "sf", "--updates-per-round", "4"], "--estimator sf"),
+    (["--sample-batches", "3", "--grad-accum", "2"], "divide"),
+    (["--estimator", "sf", "--grad-accum", "1"], "--estimator sf"),
     (["--estimator", "sf", "--inner-epochs", "2"], "--estimator sf"),
     (["--estimator", "ppo"], "--estimator"),
     (["--no-cfg-training"], "--no-cfg-training"),  # guided sampling, unguided re-scoring: ratio != 1

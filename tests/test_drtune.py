@@ -110,16 +110,15 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
                         "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1, 2]
-    for row in rows:
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3] and rows[-1]["final"]
+    for row in rows[:-1]:
         assert {"iter", "reward_mean", "reward_std", "loss", "wall_time_s", "samples_seen"} <= set(row)
-    assert [r["samples_seen"] for r in rows] == [2, 4, 6]
-    assert ["eval_reward_mean" in r for r in rows] == [True, False, True]  # start, every 2, end
+    assert [r["samples_seen"] for r in rows[:-1]] == [2, 4, 6]
+    assert ["eval_reward_mean" in r for r in rows] == [True, False, True, True]  # start, every 2, after the end
     assert (run_dir / "eval_00000.png").exists() and (run_dir / "eval_00003.png").exists()
     assert "eval reward" in result.stdout and "->" in result.stdout
     assert json.loads((run_dir / "args.json").read_text())["K"] == 3
-    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 3, "samples_seen": 6}
-    assert (run_dir / "optimizer.pt").exists()
+    assert common.load_checkpoint(run_dir)["iter"] == 3
 
     # same seed -> identical run on the CPU
     again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import common
+
 import rwr
 from gradient_family import expect_bad_input
 
@@ -87,14 +89,15 @@ def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_di
     result = run_script("--weighting", weighting, "--model", str(model), *TINY, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1]
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
+    rows, final = rows[:-1], rows[-1]
     for row in rows:
         assert {"reward_mean", "reward_std", "loss", "wall_time_s", "samples_seen"} <= set(row)
         assert math.isfinite(row["loss"]) and row["kept"] == kept  # sparse: 2 prompts x top 1 of 2
     assert [r["samples_seen"] for r in rows] == [4, 8]
-    assert ["eval_reward_mean" in r for r in rows] == [True, True]
+    assert ["eval_reward_mean" in r for r in rows] == [True, False] and "eval_reward_mean" in final
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
-    assert json.loads((run_dir / "state.json").read_text()) == {"iter": 2, "samples_seen": 8}
+    assert common.load_checkpoint(run_dir)["iter"] == 2
 
 
 @pytest.mark.parametrize("argv,needle", [
