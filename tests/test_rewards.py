@@ -1,4 +1,8 @@
 import io
+import json
+import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -645,3 +649,44 @@ def test_unreachable_hub_without_offline_flag_fails_fast(tiny_models, tmp_path, 
 def test_hpsv2_without_open_clip_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip now raises ImportError
     _fails(capsys, lambda: rewards.check("hpsv2"), 'pip install -e ".[hps]"')
+
+
+# --- Every new reward in the scripts: one iteration of drtune.py and ddpo.py, and clean offline failures -------
+
+
+@pytest.mark.parametrize("script", ["drtune", "ddpo"])
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tiny_models, request, tmp_path,
+                                                                monkeypatch):
+    """Through main(), as a user's command line: the tiny reward model passed by --reward-model / --clip-model."""
+    import importlib
+
+    options = _options(name, tiny_models, request)
+    flags = ["--model", "embedded-tiny-sd", "--reward", name, "--iters", "1", "--num-steps", "2", "--batch-size", "2",
+             "--eval-size", "2", "--eval-num-steps", "2", "--threads", "1", "--run-dir", str(tmp_path / "run")]
+    flags += ["--K", "1", "--m", "1"] if script == "drtune" else ["--sample-batches", "1"]
+    if "clip_model" in options:
+        flags += ["--clip-model", options["clip_model"]]
+    if "reward_model" in options:
+        flags += ["--reward-model", options["reward_model"]]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags])
+    importlib.import_module(script).main()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["final"]
+    assert all(math.isfinite(rows[0][k]) for k in ("reward_mean", "loss", "eval_reward_mean"))
+    assert math.isfinite(rows[1]["eval_reward_mean"])
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hpsv2", "imagereward", "objectness", "clipscore"])
+def test_a_new_reward_without_its_weights_fails_cleanly_offline_from_the_command_line(name, tmp_path):
+    """`python drtune.py --reward NAME` with nothing downloaded: exit 2, one line naming what is missing, fast."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    flags = ["--clip-model", rewards.AESTHETIC_BACKBONE] if name in ("aesthetic", "clipscore") else []
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "drtune.py"), "--reward", name, *flags,
+                             "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=120)
+    assert time.monotonic() - start < 60
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert ("hf download" in lines[0] or 'pip install -e ".[hps]"' in lines[0]) and not (tmp_path / "run").exists()
