@@ -168,7 +168,8 @@ def main():
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -186,7 +187,7 @@ def main():
             # ALGO LOGIC: a fresh truncation point per trajectory (here per micro-batch, shared by its images)
             grad_steps = alignprop_steps(T, args.truncation)
             trained.append(grad_steps)
-            batch = random.choices(prompts, k=args.batch_size)
+            batch = common.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -200,16 +201,17 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
+        common.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = torch.cat(rewards_seen)
+        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum
+        samples_seen += args.batch_size * args.grad_accum * common.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
                 "truncation": [steps[0] for steps in trained]}  # k per micro-batch: steps k..T-1 trained
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

@@ -375,8 +375,7 @@ def ddim_step_with_logprob(scheduler, model_output, t, sample, eta: float, prev_
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     if prev_sample is None:
-        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        prev_sample = mean + std * noise
+        prev_sample = mean + std * randn(sample.shape, sample.device, sample.dtype, generator)
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
     log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2) - safe_std.log()
                 - math.log(math.sqrt(2 * math.pi)))
@@ -436,9 +435,138 @@ def rollout(pipe, cond, uncond, latents, *, num_steps: int, guidance_scale: floa
 
 
 def initial_latents(pipe, batch_size: int, resolution: int, generator=None):
+    """x_T for `batch_size` images (this rank's share of the global batch, unless a generator is given)."""
     shape = (batch_size, pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor,
              resolution // pipe.vae_scale_factor)
-    return randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=torch.float32)
+    return randn(shape, pipe.unet.device, torch.float32, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel: the same script under torchrun / accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK)
+# ---------------------------------------------------------------------------------------------
+# Every rank draws the same random numbers, and every draw for a batch is made for the global batch, of which
+# a rank keeps its share (shard): N ranks with --batch-size B compute what one process with N * B would, every
+# scalar choice (DRTune's steps, a truncation point) is the same on all ranks, and rank 0's random state is
+# every rank's (one checkpoint resumes them all). Gradients are averaged before clipping; rank 0 evaluates,
+# logs and saves, with no collective inside what only it runs.
+
+RANK, WORLD = 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Read torchrun's rank and world size; returns this rank's device (under torchrun on GPUs, its own)."""
+    global RANK, WORLD
+    RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if WORLD > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def join_process_group(device):
+    """NCCL on GPUs, gloo on CPUs. After the models are loaded: transformers' save_pretrained writes only on rank 0
+    of an initialised group, and the embedded model is built by saving it."""
+    if WORLD > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+
+
+def shard(batch):
+    """This rank's share of a global batch (a tensor or a list, its length a multiple of WORLD)."""
+    n = len(batch) // WORLD
+    return batch[RANK * n:(RANK + 1) * n]
+
+
+def choices(population, k: int) -> list:
+    """k draws with replacement for this rank: its share of the global batch's k * WORLD."""
+    return shard(random.choices(population, k=k * WORLD))
+
+
+def randn(shape, device, dtype=torch.float32, generator=None):
+    """Gaussian noise for this rank's share of a global batch (shape[0] per rank); with a generator (the
+    evaluation's, on rank 0 alone) exactly what it asks for."""
+    if generator is not None:
+        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+    return shard(torch.randn((shape[0] * WORLD, *shape[1:]), dtype=dtype)).to(device)
+
+
+def randint(high: int, n: int, device):
+    """n random integers in [0, high) for this rank's share of a global batch of n per rank."""
+    return shard(torch.randint(0, high, (n * WORLD,))).to(device)
+
+
+def gather(tensor):
+    """All ranks' tensors concatenated along dim 0, in rank order, on every rank (the global batch)."""
+    if WORLD == 1:
+        return tensor
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(WORLD)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params):
+    """Average the LoRA gradients over the ranks (one flat all-reduce), before clipping: every rank then
+    takes the same step and holds the same weights (ddpo-pytorch #10: LoRA gradients never synchronised)."""
+    if WORLD == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= WORLD
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a logged number over the ranks (each has its own share of the batch)."""
+    if WORLD == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() / WORLD
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on one (a decision all ranks must take together)."""
+    if WORLD == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
+    if WORLD == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    objects = [None] * WORLD
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def lora_digest(lora: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(lora):
+        digest.update(name.encode() + lora[name].float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +586,9 @@ def count(kind: str, n: int):
 
 
 def compute_units() -> float:
-    """The budget unit: UNet passes, a backward counted as two forwards (about its FLOPs)."""
-    return COMPUTE["unet_forwards"] + 2 * COMPUTE["unet_backwards"]
+    """The budget unit: UNet passes, a backward counted as two forwards (about its FLOPs), of all ranks (each
+    does the same work on its share of the batch)."""
+    return (COMPUTE["unet_forwards"] + 2 * COMPUTE["unet_backwards"]) * WORLD
 
 
 class uncounted:
@@ -586,7 +715,9 @@ def check_common_args(args, differentiable: bool):
         fail(f"--reward {args.reward} is not differentiable; this method needs one of "
              f"{', '.join(n for n, entry in rewards.REWARDS.items() if entry[1])} (or a user reward whose function "
              "has the attribute differentiable = True)")
-    if args.resume:
+    if int(os.environ.get("RANK", "0")) > 0:  # rank 0 alone reads and writes the run directory
+        pass
+    elif args.resume:
         check_checkpoint(args.resume, args.iters)
     else:
         check_writable_dir(args.run_dir or "runs", "--run-dir")
@@ -699,11 +830,13 @@ def seed_everything(seed: int):
 
 
 def setup_device(device: str, dtype: str, threads: int):
-    """Resolve `auto` device/dtype: bf16 frozen weights on a GPU, fp32 on the CPU."""
+    """Resolve `auto` device/dtype (bf16 frozen weights on a GPU, fp32 on the CPU); join the process group when
+    launched by torchrun (each rank on its own GPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device}: CUDA is not available on this machine")
+    device = init_distributed(device)
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if device == "cpu" and threads > 0:
@@ -777,9 +910,10 @@ def load_checkpoint(run_dir, mmap: bool = False) -> dict:
 
 
 def check_checkpoint(run_dir: str, iters: int):
-    """--resume: a loadable checkpoint (memory-mapped: a quick look) with iterations left to run."""
-    done = load_checkpoint(run_dir, mmap=True)["iter"]
-    if done >= iters:
+    """--resume: a loadable checkpoint (memory-mapped: a quick look) with something left to do."""
+    checkpoint = load_checkpoint(run_dir, mmap=True)
+    done = checkpoint["iter"]
+    if done >= iters and any(r.get("final") for r in checkpoint["rows"]):
         print(f"{run_dir} has run its {done} iterations; pass --iters above {done} to continue it", file=sys.stderr)
         raise SystemExit(0)
 
@@ -841,32 +975,40 @@ def new_run_dir(name: str, reward: str, seed: int) -> Path:
 class Run:
     """The run directory and the loop's bookkeeping, the same for every script.
 
-    RUN_DIR holds args.json (the flags, and `_meta`: script, command, package versions, git commit, device),
-    metrics.jsonl (one row per iteration), eval grids, pytorch_lora_weights.safetensors and checkpoint.pt
+    RUN_DIR holds args.json (the flags, and `_meta`: script, command, package versions, git commit, device,
+    ranks), metrics.jsonl (one row per iteration), eval grids, pytorch_lora_weights.safetensors and checkpoint.pt
     (LoRA, optimizer, RNG states, the method's `state`, the metrics so far, the compute count), both rewritten
     atomically every --save-every iterations, at the end and when stopped by Ctrl-C or SIGTERM. With --resume
     the loop continues from the checkpoint as the uninterrupted run would have (bitwise on the CPU). `state`
     is the method's own state between iterations, as plain data (e.g. DDPO's per-prompt reward buffers).
+    Under torchrun every rank keeps the same rows, state and weights; rank 0 alone writes, evaluates and reports.
     """
 
     def __init__(self, script_file: str, args, unet, optimizer, device, name: str = "", state: dict | None = None):
         self.script, self.name = Path(script_file).name, name or Path(script_file).stem
         self.args, self.unet, self.optimizer = args, unet, optimizer
         self.state = {} if state is None else state
-        self.rows, self.start_iter, self.elapsed_before, self.saved_iter, self.rng = [], 0, 0.0, None, None
-        self.interrupted = False
+        self.rows, self.start_iter, self.saved_iter, self.rng = [], 0, None, None
+        self.elapsed_before = self.eval_seconds = 0.0
+        self.interrupted, self.lead = False, RANK == 0
+        join_process_group(device)
         if args.resume:
             self.dir = Path(args.resume)
             self._restore()
         else:
-            self.dir = self._new_dir(args.run_dir)
+            self.dir = self._new_dir(args.run_dir) if self.lead else None
             args.run_dir = str(self.dir)
         self.next_iter = self.start_iter
-        settings = asdict(args) | {"_meta": run_metadata(self.script, device) | {"resumed_at": self.start_iter}}
-        write_atomic(self.dir / "args.json", lambda f: f.write(json.dumps(settings, indent=2, default=str).encode()))
-        self.metrics = open(self.dir / "metrics.jsonl", "a")
         self.start = self.last_progress = time.time()
         self.cuda = torch.device(device).type == "cuda"
+        self.tty, self.tb, self.bar = sys.stderr.isatty(), None, None
+        if not self.lead:
+            return
+        meta = run_metadata(self.script, device) | {"resumed_at": self.start_iter, "ranks": WORLD,
+                                                   "global_batch": args.batch_size * WORLD * max(1, args.grad_accum)}
+        settings = asdict(args) | {"_meta": meta}
+        write_atomic(self.dir / "args.json", lambda f: f.write(json.dumps(settings, indent=2, default=str).encode()))
+        self.metrics = open(self.dir / "metrics.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -875,8 +1017,10 @@ class Run:
             self.tb = None
         from tqdm import tqdm
 
-        self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=args.iters, initial=self.start_iter, desc=self.dir.name, disable=not self.tty)
+        if WORLD > 1:
+            print(f"{self.name}: {WORLD} ranks, global batch {meta['global_batch']} (batch {args.batch_size} x "
+                  f"{WORLD} ranks x grad-accum {max(1, args.grad_accum)})", file=sys.stderr, flush=True)
 
     def _new_dir(self, run_dir: str) -> Path:
         if not run_dir:
@@ -885,7 +1029,16 @@ class Run:
         return Path(run_dir)
 
     def _restore(self):
-        checkpoint = load_checkpoint(self.dir)
+        checkpoint = load_checkpoint(self.dir) if self.lead else None
+        if WORLD > 1:  # rank 0 reads it and hands it on: no other node needs to see the run directory
+            import torch.distributed as dist
+
+            box = [checkpoint]
+            dist.broadcast_object_list(box, src=0)
+            checkpoint = box[0]
+        if checkpoint.get("ranks", 1) != WORLD:
+            fail(f"--resume {self.dir}: it ran on {checkpoint.get('ranks', 1)} ranks, now {WORLD}: the global batch "
+                 "would change the run")
         params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
         if set(params) != set(checkpoint["lora"]):
             fail(f"--resume {self.dir}: the checkpoint's LoRA has other layers than this run's")
@@ -895,11 +1048,13 @@ class Run:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.state.update(checkpoint["state"])
         # A final evaluation row ends a finished run; continuing it (a larger --iters), the loop takes over.
-        self.rows, self.start_iter = [r for r in checkpoint["rows"] if not r.get("final")], checkpoint["iter"]
-        self.elapsed_before, self.saved_iter, self.rng = checkpoint["elapsed"], checkpoint["iter"], checkpoint["rng"]
+        self.rows = [r for r in checkpoint["rows"] if not r.get("final") or checkpoint["iter"] >= self.args.iters]
+        self.start_iter, self.saved_iter, self.rng = checkpoint["iter"], checkpoint["iter"], checkpoint["rng"]
+        self.elapsed_before, self.eval_seconds = checkpoint["elapsed"], checkpoint["eval_seconds"]
         COMPUTE.update(checkpoint["compute"])
-        # Rows logged after the checkpoint belong to iterations that will run again: drop them.
-        write_atomic(self.dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
+        if self.lead:  # rows logged after the checkpoint belong to iterations that will run again: drop them
+            write_atomic(self.dir / "metrics.jsonl",
+                         lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start
@@ -914,7 +1069,8 @@ class Run:
         if self.rng is not None:  # last, after all of setup: the stream continues where the checkpoint left it
             set_rng_state(self.rng)
         handlers = {}
-        if threading.current_thread() is threading.main_thread():
+        # Under torchrun a signal means teardown (the agent stops every rank): no rank waits for the others.
+        if WORLD == 1 and threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for it in range(self.start_iter, self.args.iters):
@@ -936,31 +1092,53 @@ class Run:
               file=sys.stderr, flush=True)
 
     def budget_spent(self) -> bool:
-        """--budget (compute units, see compute_units) or --budget-seconds reached (0 = no limit)."""
-        return bool((self.args.budget and compute_units() >= self.args.budget)
-                    or (self.args.budget_seconds and self.elapsed() >= self.args.budget_seconds))
+        """--budget (compute units, see compute_units) or --budget-seconds (training time: evaluation left out)
+        reached; 0 = no limit. Every rank decides alike."""
+        seconds = self.args.budget_seconds and self.elapsed() - self.eval_seconds >= self.args.budget_seconds
+        return bool((self.args.budget and compute_units() >= self.args.budget) or any_rank(bool(seconds)))
+
+    def evaluation(self, evaluate):
+        """Decorates the script's evaluate(it) -> row: rank 0 alone runs it (the others get {}), and its time is
+        kept (eval_time_s) and left out of --budget-seconds."""
+        def timed(it):
+            if not self.lead:
+                return {}
+            start = time.time()
+            row = evaluate(it)
+            self.eval_seconds += time.time() - start
+            return row
+
+        return timed
 
     def guard(self, it: int, **values):
-        """The NaN guard, before every optimizer step: a non-finite reward, loss or gradient norm stops the run
-        before it reaches the weights; the last good checkpoint stays as it is."""
+        """The NaN guard, before every optimizer step: a non-finite reward, loss or gradient norm (on any rank)
+        stops the run before it reaches the weights; the last good checkpoint stays as it is."""
+        found = ""
         for name, value in values.items():
             value = torch.as_tensor(value).detach().float().cpu()
             if not torch.isfinite(value).all():
-                self.stop(f"iteration {it}: non-finite {name} ({value[~torch.isfinite(value)].flatten()[0].item()})")
+                found = found or f"non-finite {name} ({value[~torch.isfinite(value)].flatten()[0].item()})"
+        found = next((f for f in gather_objects(found) if f), "")
+        if found:
+            self.stop(f"iteration {it}: {found}")
 
     def stop(self, reason: str):
         kept = (f"the last good checkpoint (iteration {self.saved_iter}) is in {self.dir}" if self.saved_iter
                 is not None else f"no checkpoint had been written yet in {self.dir}")
         self._close()
-        print(f"error: {self.name}: {reason}; stopped, {kept}", file=sys.stderr, flush=True)
+        if self.lead:
+            print(f"error: {self.name}: {reason}; stopped, {kept}", file=sys.stderr, flush=True)
         raise SystemExit(3)
 
     def log(self, row: dict):
-        row = {"wall_time_s": round(self.elapsed(), 3)} | row | COMPUTE | {"compute": compute_units()}
+        row = {"wall_time_s": round(self.elapsed(), 3), "eval_time_s": round(self.eval_seconds, 3)} | row
+        row |= {k: v * WORLD for k, v in COMPUTE.items()} | {"compute": compute_units()}  # the global batch's
         if self.cuda:
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}
+        row = {k: (v.item() if torch.is_tensor(v) or isinstance(v, np.generic) else v) for k, v in row.items()}
         self.rows.append(row)
+        if not self.lead:
+            return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
         if self.tb:
@@ -985,30 +1163,34 @@ class Run:
         save_grid(images, self.dir / name)
 
     def save(self):
-        """checkpoint.pt and pytorch_lora_weights.safetensors, each written aside and swapped in."""
+        """checkpoint.pt and pytorch_lora_weights.safetensors, each written aside and swapped in (rank 0)."""
         lora = {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
         bad = [n for n, value in lora.items() if not torch.isfinite(value).all()]
         if bad:  # never written as a result
             self.stop(f"iteration {self.next_iter - 1}: non-finite LoRA weights after the update ({bad[0]})")
-        save_lora(self.unet, self.dir)
-        checkpoint = {"iter": self.next_iter, "lora": lora, "optimizer": self.optimizer.state_dict(),
-                      "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(COMPUTE),
-                      "elapsed": self.elapsed()}
-        write_atomic(self.dir / CHECKPOINT, lambda f: torch.save(checkpoint, f))
+        if len(set(gather_objects(lora_digest(lora)))) > 1:  # the peers' worst bug, caught where it would start
+            self.stop(f"iteration {self.next_iter - 1}: the ranks hold different LoRA weights")
+        if self.lead:
+            save_lora(self.unet, self.dir)
+            checkpoint = {"iter": self.next_iter, "lora": lora, "optimizer": self.optimizer.state_dict(),
+                          "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(COMPUTE),
+                          "elapsed": self.elapsed(), "eval_seconds": self.eval_seconds, "ranks": WORLD}
+            write_atomic(self.dir / CHECKPOINT, lambda f: torch.save(checkpoint, f))
         self.saved_iter = self.next_iter
 
     def _close(self):
-        self.bar.close()
-        self.metrics.close()
-        if self.tb:
-            self.tb.close()
+        if self.lead:
+            self.bar.close()
+            self.metrics.close()
+            if self.tb:
+                self.tb.close()
 
     def finish(self, evaluate):
         """After the loop: the evaluation of the final model as a row of its own ({"iter": N, "final": true}, N
         iterations done), the final checkpoint and LoRA, and the run's one-line summary on stdout."""
-        if not self.interrupted and self.next_iter > self.start_iter:
+        if not self.interrupted and not (self.rows and self.rows[-1].get("final")):
             self.log({"iter": self.next_iter, "final": True} | evaluate(self.next_iter))
-        if self.next_iter != self.saved_iter:
+        if self.next_iter != self.saved_iter or not self.interrupted:
             self.save()
         self._close()
         if self.interrupted:
@@ -1017,5 +1199,6 @@ class Run:
             raise SystemExit(130)
         evals = [r["eval_reward_mean"] for r in self.rows if "eval_reward_mean" in r]
         change = f"eval reward {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "no eval"
-        print(f"{self.name}: {change} after {self.next_iter} iterations ({self.elapsed():.0f} s, "
-              f"compute {compute_units():.4g}); run dir {self.dir}", flush=True)
+        if self.lead:
+            print(f"{self.name}: {change} after {self.next_iter} iterations ({self.elapsed():.0f} s, "
+                  f"compute {compute_units():.4g}); run dir {self.dir}", flush=True)

@@ -237,6 +237,8 @@ def check_args(args: Args):
     if args.ref_lora not in ("", "pretrained"):
         common.check_lora_file(args.ref_lora, args.lora_rank, args.lora_targets, "--ref-lora")
     if args.phase == "sample":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            common.fail("--phase sample writes one set of samples: run it as one process, not under torchrun")
         if args.labels or args.samples:
             common.fail("--phase sample writes new samples; --labels and --samples belong to --phase train")
         if args.run_dir and (Path(args.run_dir) / "samples.json").exists():
@@ -434,7 +436,8 @@ def main():
     uncond_one = common.encode_prompts(pipe, [""])
     T, n = args.num_steps, args.samples_per_prompt
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -448,6 +451,8 @@ def main():
         meta, label_scores = human
         stored = load_file(Path(args.samples) / "trajectories.safetensors")
         usable = [k for k in range(len(meta["prompts"])) if (preferences(label_scores[k:k + 1]) != 0).any()]
+        if len(usable) < common.WORLD:
+            common.fail(f"{len(usable)} labelled prompts with a preference, fewer than the {common.WORLD} ranks")
         queue = run.state.setdefault("queue", [])  # the prompts still to visit in this pass (checkpointed)
 
     samples_seen = run.last("samples_seen")
@@ -460,10 +465,10 @@ def main():
         scores_seen, prefs_seen, stats = [], [], {"loss": 0.0, "clip_frac": 0.0, "abs_log_ratio": 0.0}
         for _ in range(args.grad_accum):
             if human:  # lines 12-22 happened offline: the stored trajectories with the averaged label scores
-                take = min(args.batch_size, len(usable))
+                take = min(args.batch_size, len(usable) // common.WORLD) * common.WORLD  # the global batch
                 while len(queue) < take:
                     queue += random.sample(usable, len(usable))
-                index = queue[:take]
+                index = common.shard(queue[:take])  # this rank's share
                 del queue[:take]
                 batch = [meta["prompts"][k] for k in index]
                 latents = stored["latents"][index].to(device)
@@ -471,7 +476,7 @@ def main():
                 scores = label_scores[index].to(device)
                 pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
             else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
-                batch = random.choices(prompts, k=args.batch_size)
+                batch = common.choices(prompts, args.batch_size)  # this rank's share
                 latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
                                                    uncond_one.expand(len(batch), -1, -1), n, resolution, args)
                 with torch.no_grad():
@@ -482,9 +487,10 @@ def main():
             micro = accumulate_gradients(pipe, latents, timesteps, cond, uncond_one.expand(len(batch), -1, -1),
                                          prefs, ref_lora, args)  # lines 24-33, all T timesteps
             stats = {k: stats[k] + micro[k] / (1 if k == "loss" else args.grad_accum) for k in stats}
-            scores_seen.append(scores.flatten())
-            prefs_seen.append(prefs.flatten())
-            samples_seen += len(batch) * n
+            scores_seen.append(common.gather(scores.flatten()))  # the global batch's, for the log and the guard
+            prefs_seen.append(common.gather(prefs.flatten()))
+            samples_seen += len(batch) * n * common.WORLD
+        common.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         scores, prefs = torch.cat(scores_seen), torch.cat(prefs_seen)
         finite = scores[scores.isfinite()]  # human feedback: the averaged label scores (unlabelled: NaN)
@@ -494,7 +500,8 @@ def main():
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": finite.mean().item(), "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
-                **stats, "tie_frac": (prefs == 0).float().mean().item(), "grad_norm": grad_norm.item(),
+                **{k: common.mean_over_ranks(v) for k, v in stats.items()}, "tie_frac": (prefs == 0).float().mean().item(),
+                "grad_norm": grad_norm.item(),
                 "samples_seen": samples_seen}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

@@ -238,7 +238,8 @@ def main():
     train_uncond = uncond if args.cfg_training else None
     tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count, run.state.setdefault("reward_buffers", {}))
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -257,28 +258,30 @@ def main():
         # ALGO LOGIC: sampling round with the current policy, recording every transition (C.3's MDP)
         latents, log_probs, timesteps, conds, batch_prompts, reward_list = [], [], [], [], [], []
         for _ in range(args.sample_batches):
-            batch = random.choices(prompts, k=B)
+            batch_global = random.choices(prompts, k=B * common.WORLD)  # every rank draws the global batch ...
+            batch = common.shard(batch_global)  # ... and samples its share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, B, resolution)
             with torch.no_grad():
                 out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
                                      eta=args.eta, record=True)
-                reward_list.append(reward_fn(common.decode(pipe.vae, out.output), batch).float())
+                reward_list.append(common.gather(reward_fn(common.decode(pipe.vae, out.output), batch).float()))
             latents.append(torch.stack(out.latents, dim=1))  # (B, T+1, C, h, w): x_T .. x_0
             log_probs.append(torch.stack(out.log_probs, dim=1))  # (B, T)
             timesteps.append(torch.stack([torch.as_tensor(t) for t in out.timesteps]).to(device).expand(B, T))
             conds.append(cond)
-            batch_prompts += batch
+            batch_prompts += batch_global
         latents, log_probs, timesteps, conds = (torch.cat(v) for v in (latents, log_probs, timesteps, conds))
-        reward_all = torch.cat(reward_list)
+        reward_all = torch.cat(reward_list)  # the round's, all ranks' (with batch_prompts: the global round)
         run.guard(it, reward=reward_all)
-        N = len(reward_all)
+        N = len(latents)  # this rank's samples; global sample index of each (batch, rank, row):
+        own = (torch.arange(N) // B) * B * common.WORLD + common.RANK * B + torch.arange(N) % B
 
         # F.3: the normalised reward is the advantage of every step of its trajectory (the reward comes only
         # at t = 0 and there is no discount); clipped as ddpo-pytorch does.
-        advantages = (tracker.update(batch_prompts, reward_all.cpu()) if args.per_prompt_stats
-                      else batch_advantages(reward_all.cpu()))
-        advantages = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+        round_advantages = (tracker.update(batch_prompts, reward_all.cpu()) if args.per_prompt_stats
+                            else batch_advantages(reward_all.cpu()))  # over the global round, alike on every rank
+        advantages = torch.as_tensor(round_advantages, dtype=torch.float32)[own].to(device)  # this rank's share
         advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
 
         # ALGO LOGIC: updates. Gradients accumulate over samples x trained timesteps (F.1), one
@@ -288,10 +291,15 @@ def main():
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         grad_norms, first_update_done = [], False
         for _ in range(args.inner_epochs):
-            perm = torch.randperm(N, device=device)
+            # Drawn for the global round (the stream stays alike on every rank); this rank visits its own
+            # samples in that order.
+            row_of = torch.full((N * common.WORLD,), -1)
+            row_of[own] = torch.arange(N)  # global sample index -> this rank's row, or -1
+            perm = row_of[torch.randperm(N * common.WORLD)]
+            perm = perm[perm >= 0].to(device)
             # Per-sample time shuffling (ddpo-pytorch): each row visits its steps in its own random order,
             # so one micro-batch mixes timesteps; with fraction < 1 the first n_train_t form the subset.
-            time_perm = torch.stack([torch.randperm(T, device=device) for _ in range(N)])
+            time_perm = torch.stack([torch.randperm(T) for _ in range(N * common.WORLD)])[own].to(device)
             for m in range(args.sample_batches):
                 idx = perm[m * B:(m + 1) * B]
                 for j in range(n_train_t):
@@ -317,18 +325,20 @@ def main():
                     stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().item())
                     stats["ratio"].append(ratio.mean().item())
                 if (m + 1) % micro_per_update == 0:
+                    common.average_gradients(params)  # over the ranks, before clipping
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
                     run.guard(it, loss=stats["loss"][-micro_per_update * n_train_t:], grad_norm=grad_norms[-1])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     first_update_done = True
-        samples_seen += N
+        samples_seen += len(reward_all)
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": float(np.mean(stats["loss"])), "approx_kl": float(np.mean(stats["approx_kl"])),
+                "loss": common.mean_over_ranks(np.mean(stats["loss"])), "approx_kl": float(np.mean(stats["approx_kl"])),
                 "clipfrac": float(np.mean(stats["clipfrac"])), "ratio_mean": float(np.mean(stats["ratio"])),
-                "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen}
+                "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen,
+                "advantage_abs_mean": float(np.abs(round_advantages).mean())}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

@@ -152,8 +152,9 @@ def lv_terms(pipe, x0, cond, uncond, n: int, *, guidance_scale: float, eta: floa
     scheduler = pipe.scheduler
     t_last = scheduler.timesteps[-1]  # set by the rollout that produced x0
     alpha_bar = scheduler.alphas_cumprod[t_last].to(x0.device)
+    noise = torch.cat([common.randn(x0.shape, x0.device) for _ in range(n)])  # a fresh draw per copy
     x0 = x0.detach().repeat(n, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * torch.randn_like(x0)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
     cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
     if checkpoint:
         out = torch.utils.checkpoint.checkpoint(common.unet_output, pipe.unet, x_t, t_last, cond, uncond,
@@ -202,7 +203,8 @@ def main():
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T, K = args.num_steps, args.K
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -220,7 +222,7 @@ def main():
 
         rewards_seen, loss_total, kl_total = [], 0.0, 0.0
         for _ in range(args.grad_accum):
-            batch = random.choices(prompts, k=args.batch_size)
+            batch = common.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -245,16 +247,17 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
+        common.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = torch.cat(rewards_seen)
+        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum
+        samples_seen += args.batch_size * args.grad_accum * common.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
                 "trained_steps": grad_steps}
         if args.kl_coeff:
             row["kl"] = kl_total

@@ -11,7 +11,7 @@ Quick run on the toy world (CPU, about 3 minutes; symmetry with the toy CLIP as 
     python drtune.py --reward symmetry --K 5
 The paper's settings on Stable Diffusion 1.5 (a GPU; batch 32 = 8 x 4 accumulated; DDPM-like eta 1):
     python drtune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward symmetry \
-        --clip-model openai/clip-vit-large-patch14 --prompts my_prompts.txt --num-steps 50 --K 5 --m 20 \
+        --clip-model openai/clip-vit-large-patch14 --prompts my_prompts.txt --num-steps 50 --K 5 --early-stop 20 \
         --eta 1 --guidance-scale 7.5 --lora-rank 128 --lr 2e-5 --grad-clip 0.1 --batch-size 8 --grad-accum 4
 """
 
@@ -73,8 +73,8 @@ class Args:
     """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer"""
     K: int = 5
     """number of trained sampling steps, equally spaced (paper: 5)"""
-    m: int = 3
-    """early stop: t_min ~ randint(1, m) (paper: 20 at T = 50, i.e. 0.4 T)"""
+    early_stop: int = 3
+    """m of Alg. 1: sampling stops at t_min ~ randint(1, m) (paper: 20 at T = 50, i.e. 0.4 T)"""
     gradient_checkpointing: bool = True
     """recompute every differentiable UNet call in backward: activation memory O(1) in the trained steps"""
     vae_gradient_checkpointing: bool = False
@@ -115,8 +115,8 @@ def check_args(args: Args):
     prompts = common.check_common_args(args, differentiable=True)
     if not 1 <= args.K <= args.num_steps:
         common.fail(f"--K must be in [1, T = {args.num_steps}] (got {args.K})")
-    if not 1 <= args.m < args.num_steps:
-        common.fail(f"--m must be in [1, T - 1 = {args.num_steps - 1}] (got {args.m})")
+    if not 1 <= args.early_stop < args.num_steps:
+        common.fail(f"--early-stop must be in [1, T - 1 = {args.num_steps - 1}] (got {args.early_stop})")
     if args.grad_accum < 1 or args.eval_size < 1:
         common.fail("--grad-accum and --eval-size must be at least 1")
     return prompts
@@ -154,7 +154,8 @@ def main():
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T, K = args.num_steps, args.K
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -168,11 +169,11 @@ def main():
             row |= evaluate(it)
 
         # ALGO LOGIC: which steps carry gradient, and where sampling stops (Algorithm 1 lines 5-8)
-        grad_steps, stop_step = drtune_steps(T, K, args.m)
+        grad_steps, stop_step = drtune_steps(T, K, args.early_stop)
 
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum):
-            batch = random.choices(prompts, k=args.batch_size)
+            batch = common.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -186,16 +187,17 @@ def main():
                 loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
+        common.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = torch.cat(rewards_seen)
+        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum
+        samples_seen += args.batch_size * args.grad_accum * common.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
                 "t_min": T - stop_step, "trained_steps": grad_steps}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

@@ -199,12 +199,12 @@ def load_images(paths, resolution: int):
 def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
     """The pre-training loss: noise-prediction MSE at a uniform random t on real captioned images."""
     scheduler, unet = pipe.scheduler, pipe.unet
-    chosen = random.choices(pairs, k=batch_size)
+    chosen = common.choices(pairs, batch_size)
     images = load_images([p for p, _ in chosen], resolution).to(unet.device)
     latents = common.encode_images(pipe.vae, images)
     cond = common.encode_prompts(pipe, [c for _, c in chosen])
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
+    noise = common.randn(latents.shape, latents.device)
+    t = common.randint(scheduler.config.num_train_timesteps, batch_size, latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, t)
@@ -232,7 +232,8 @@ def main():
     phi, lam = REWARD_DEFAULTS.get(args.reward, (args.phi, args.lam))
     phi, lam = phi if args.phi is None else args.phi, lam if args.lam is None else args.lam
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -250,7 +251,7 @@ def main():
 
         rewards_seen, loss_total, pretrain_total = [], 0.0, 0.0
         for _ in range(args.grad_accum):
-            batch = random.choices(prompts, k=args.batch_size)
+            batch = common.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -267,16 +268,17 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
+        common.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = torch.cat(rewards_seen)
+        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum
+        samples_seen += args.batch_size * args.grad_accum * common.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": loss_total, "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
                 "t_stop": T - stop_step, "trained_steps": grad_steps}
         if pretrain_pairs:
             row["pretrain_loss"] = pretrain_total

@@ -204,7 +204,8 @@ def main():
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     N = B * args.sample_batches
 
-    def evaluate(it):  # the evaluation shared by all scripts (common.EVAL_PROTOCOL)
+    @run.evaluation  # rank 0 alone; the same protocol in every script (common.EVAL_PROTOCOL)
+    def evaluate(it):
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
@@ -222,11 +223,12 @@ def main():
 
         # ALGO LOGIC: a round of data from the current model. Prompts come in groups so that every prompt has
         # several samples to be weighted against (F.3's per-prompt normalisation needs more than one).
-        round_prompts = [p for p in random.choices(prompts, k=N // args.samples_per_prompt)
-                         for _ in range(args.samples_per_prompt)]
+        round_prompts = [p for p in random.choices(prompts, k=N * common.WORLD // args.samples_per_prompt)
+                         for _ in range(args.samples_per_prompt)]  # the global round; this rank samples its share
+        local_prompts = common.shard(round_prompts)
         x0, conds, reward_list = [], [], []
         for b in range(args.sample_batches):
-            batch = round_prompts[b * B:(b + 1) * B]
+            batch = local_prompts[b * B:(b + 1) * B]
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, B, resolution)
             with torch.no_grad():
@@ -237,27 +239,30 @@ def main():
             # and re-encoded them): the same data without the VAE's reconstruction error.
             x0.append(out)
             conds.append(cond)
-        x0, conds, reward_all = torch.cat(x0), torch.cat(conds), torch.cat(reward_list)
-        run.guard(it, reward=reward_all)
+        x0, conds, reward_all = torch.cat(x0), torch.cat(conds), common.gather(torch.cat(reward_list))
+        run.guard(it, reward=reward_all)  # the round's rewards, all ranks', in the order of round_prompts
 
         if args.weighting == "softmax":
             weights = softmax_weights(reward_all.cpu(), round_prompts, args.inverse_temperature, args.normalize)
         else:
             weights = sparse_weights(reward_all.cpu(), round_prompts, args.percentile)
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        weights = common.shard(torch.as_tensor(weights, dtype=torch.float32)).to(device)  # this rank's samples'
         kept = torch.nonzero(weights > 0).squeeze(1)  # sparse: the discarded samples are never trained on
+        # Ranks keep different numbers of samples: each shuffles its own with a generator of its own, seeded from
+        # the shared stream (which every rank must consume alike).
+        order_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + common.RANK)
 
         # ALGO LOGIC: weighted denoising updates, cycling through the kept samples in shuffled order
         order, losses, grad_norms = torch.empty(0, dtype=torch.long, device=device), [], []
         for _ in range(args.updates_per_round):
             for _ in range(args.grad_accum):
                 while len(order) < B:
-                    order = torch.cat([order, kept[torch.randperm(len(kept), device=device)]])
+                    order = torch.cat([order, kept[torch.randperm(len(kept), generator=order_rng).to(device)]])
                 idx, order = order[:B], order[B:]
                 # Eq. 1: noise the sample to a uniformly random training timestep and regress the noise
                 # (or v, for a v-prediction model) from the guided output (G.1).
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), device=device)
-                noise = torch.randn_like(x0[idx])
+                t = common.randint(scheduler.config.num_train_timesteps, B, device)
+                noise = common.randn(x0[idx].shape, device)
                 x_t = scheduler.add_noise(x0[idx], noise, t)
                 target = (scheduler.get_velocity(x0[idx], noise, t)
                           if scheduler.config.prediction_type == "v_prediction" else noise)
@@ -266,15 +271,16 @@ def main():
                 loss = weighted_denoising_loss(pred, target, weights[idx])
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
+            common.average_gradients(params)  # over the ranks, before clipping
             grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
             run.guard(it, loss=losses[-args.grad_accum:], grad_norm=grad_norms[-1])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        samples_seen += N
+        samples_seen += N * common.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+                "loss": common.mean_over_ranks(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

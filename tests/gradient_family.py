@@ -96,6 +96,8 @@ def run_main(module, argv, monkeypatch, run_dir):
     monkeypatch.setitem(rewards.REWARDS, reward, (trace.wrap_reward(entry[0]), *entry[1:]))
     monkeypatch.setattr(sys, "argv", [module.__file__, *argv, "--run-dir", str(run_dir)])
     module.main()
+    if "--num-steps" in argv:  # the final evaluation left the scheduler at the eval protocol's T: back to training's
+        trace.pipe.scheduler.set_timesteps(int(argv[argv.index("--num-steps") + 1]))
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["final"] and "eval_reward_mean" in rows[-1]
     return trace, rows[:-1]

@@ -318,7 +318,7 @@ USER_REWARD = "tests/user_rewards.py:brightness"  # brightness, with faults on d
 TINY_RUN = ["--model", "embedded-tiny-sd", "--reward", USER_REWARD, "--eval-size", "2", "--eval-every", "2",
             "--threads", "1", "--save-every", "1", "--iters", "5"]
 METHODS = {  # each script (and variant) with a tiny setting of its own flags
-    "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--m", "1", "--batch-size", "2"],
+    "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--early-stop", "1", "--batch-size", "2"],
     "draft": ["draft.py", "--num-steps", "3", "--K", "1", "--lv", "1", "--batch-size", "2"],
     "refl": ["refl.py", "--num-steps", "4", "--t1", "1", "--t2", "2", "--batch-size", "2", "--phi", "1", "--lam", "1"],
     "alignprop": ["alignprop.py", "--num-steps", "4", "--batch-size", "2"],
@@ -340,9 +340,9 @@ def finish(process, timeout=300):
 
 
 def metrics(run_dir):
-    """metrics.jsonl without the wall times (the only field two identical runs may differ in)."""
+    """metrics.jsonl without the times (the only fields two identical runs may differ in)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("wall_time_s", "eval_time_s")} for r in rows]
 
 
 def lora(run_dir):
@@ -606,3 +606,80 @@ def test_a_parse_error_from_the_command_line_is_one_line_and_help_is_kept():
     assert "--K" in bad.stderr and "abc" in bad.stderr
     help = subprocess.run([sys.executable, str(ROOT / "drtune.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help.returncode == 0 and "--resume" in help.stdout and "--init-lora" in help.stdout
+
+
+# --- data parallel: torchrun with 2 gloo ranks on the CPU ---------------------------------------------------
+
+DDP_METHODS = {  # a gradient method, DDPO (one update per round, so it is one step on the global batch) and D3PO
+    "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--early-stop", "1", "--eta", "1"],
+    "ddpo": ["ddpo.py", "--estimator", "sf", "--num-steps", "3", "--sample-batches", "2"],
+    "d3po": ["d3po.py", "--num-steps", "3"],
+}
+DDP_RUN = [*TINY_RUN[:-2], "--iters", "3"]
+
+
+def torchrun(script, *flags, ranks=2, env=None):
+    """`torchrun --nproc-per-node 2 script flags` on a free port, gloo on the CPU."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--rdzv-backend",
+               "c10d", "--rdzv-endpoint", "localhost:0", str(ROOT / script), *flags]
+    return subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(method, tmp_path):
+    script, *flags = DDP_METHODS[method]
+    two = torchrun(script, *DDP_RUN, *flags, "--batch-size", "1", "--run-dir", str(tmp_path / "two"))
+    one = launch(script, *DDP_RUN, *flags, "--batch-size", "2", "--run-dir", str(tmp_path / "one"))
+    ran = finish(two)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert finish(one).returncode == 0
+    # every save compared the ranks' LoRA digests (bitwise) and would have stopped the run on a difference
+    assert "2 ranks, global batch 2" in ran.stderr
+    rows_two, rows_one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [r["iter"] for r in rows_two] == [r["iter"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one):
+        # the same samples (per-sample noise drawn for the global batch), scored alike; the UNet's kernels at
+        # batch 1 and 2 differ in the last bits only
+        for key in ("reward_mean", "eval_reward_mean", "advantage_abs_mean", "loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+        assert a.get("samples_seen") == b.get("samples_seen") and a["compute"] == b["compute"]
+    lora_two, lora_one = lora(tmp_path / "two"), lora(tmp_path / "one")
+    for k in lora_one:  # Adam normalises each step, so the gradients' last bits show up at about lr * 1e-2
+        torch.testing.assert_close(lora_two[k], lora_one[k], rtol=0, atol=1e-3)
+
+
+def test_a_rank_killed_brings_the_other_down_within_seconds_and_the_run_resumes_on_two_ranks(tmp_path):
+    script, *flags = DDP_METHODS["drtune"]
+    flags = [*TINY_RUN, *flags, "--batch-size", "1"]
+    whole = torchrun(script, *flags, "--run-dir", str(tmp_path / "whole"))
+    start = time.monotonic()
+    killed = finish(torchrun(script, *flags, "--run-dir", str(tmp_path / "killed"),
+                             env={"KILL_AT_CALL": "5", "KILL_RANK": "1"}))
+    assert killed.returncode != 0 and time.monotonic() - start < 90  # startup ~10 s; no rank waits on a dead one
+    assert "rank      : 1" in killed.stderr and "SIGKILL" in killed.stderr
+    done = common.load_checkpoint(tmp_path / "killed")["iter"]
+    assert 0 < done < 5
+    one_rank = finish(launch(script, "--resume", str(tmp_path / "killed")))
+    assert one_rank.returncode == 2 and "ran on 2 ranks, now 1" in one_rank.stderr
+    resumed = finish(torchrun(script, "--resume", str(tmp_path / "killed")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert finish(whole).returncode == 0
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "whole")
+    a, b = lora(tmp_path / "whole"), lora(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_holding_different_weights_stop_the_run(pipe, tmp_path, monkeypatch, capsys):
+    import drtune
+
+    params = common.add_lora(pipe.unet, 2)
+    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
+                     torch.optim.AdamW(params, lr=0.1), "cpu")
+    run.next_iter = 1
+    monkeypatch.setattr(common, "gather_objects", lambda obj: [obj, "another rank's digest"])
+    with pytest.raises(SystemExit) as stop:
+        run.save()
+    assert stop.value.code == 3 and "the ranks hold different LoRA weights" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -70,7 +70,7 @@ def test_drtune_gradient_routing_on_the_real_rollout(pipe):
     (["--reward", "jpeg_compressibility"], "not differentiable"),
     (["--K", "0"], "--K"),
     (["--K", "21"], "--K"),
-    (["--m", "20"], "--m"),
+    (["--early-stop", "20"], "--early-stop"),
     (["--resolution", "30"], "--resolution"),
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-clip", "-0.1"], "--grad-clip"),
@@ -106,7 +106,7 @@ def test_clip_model_is_not_needed_when_nothing_uses_it(monkeypatch, tmp_path):
 
 def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",
+    result = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--early-stop", "2",
                         "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -121,11 +121,11 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     assert common.load_checkpoint(run_dir)["iter"] == 3
 
     # same seed -> identical run on the CPU
-    again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--m", "2",
+    again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--early-stop", "2",
                        "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     rows_again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "eval_time_s")} for r in rs]  # noqa: E731
     assert strip(rows_again) == strip(rows)
 
     base = StableDiffusionPipeline.from_pretrained(str(common.TOY_MODEL_DIR), dtype=torch.float32)  # the default model
@@ -147,7 +147,7 @@ def test_iterations_whose_trained_steps_all_lie_below_t_min_are_skipped_not_fata
     """With K = 1 and m > 1 the one trained step is often never reached (Alg. 1 stops first)."""
     from gradient_family import TINY, run_main
 
-    trace, rows = run_main(drtune, [*TINY, "--num-steps", "6", "--K", "1", "--m", "5",
+    trace, rows = run_main(drtune, [*TINY, "--num-steps", "6", "--K", "1", "--early-stop", "5",
                                     "--iters", "6", "--eval-size", "2", "--eval-every", "0", "--seed", "1"], monkeypatch, tmp_path / "run")
     assert [r["iter"] for r in rows] == list(range(6))
     reached = [min(r["trained_steps"]) <= 6 - r["t_min"] for r in rows]
