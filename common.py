@@ -992,6 +992,7 @@ class Run:
         self.elapsed_before = self.eval_seconds = 0.0
         self.interrupted, self.lead = False, RANK == 0
         join_process_group(device)
+        COMPUTE.update(dict.fromkeys(COMPUTE, 0))  # a run counts from zero (or from its checkpoint)
         if args.resume:
             self.dir = Path(args.resume)
             self._restore()

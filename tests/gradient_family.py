@@ -17,7 +17,8 @@ import rewards
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny budget for every run: 2 updates of 2 images, 2 eval prompts; one thread (a shared CPU makes
 # several threads wait on each other at every op).
-TINY = ["--reward", "brightness", "--batch-size", "2", "--eval-size", "2", "--iters", "2", "--threads", "1"]
+TINY = ["--reward", "brightness", "--batch-size", "2", "--eval-size", "2", "--eval-num-steps", "3", "--iters", "2",
+        "--threads", "1"]
 
 
 @dataclass
@@ -25,6 +26,7 @@ class UNetCall:
     t: int  # the scheduler timestep it was called at (-1: a batch of different timesteps)
     batch: int
     requires_grad: bool  # the call was made with gradient (its output is in the autograd graph)
+    input_requires_grad: bool  # its latent input carries gradient (to earlier steps)
     x: torch.Tensor  # its latent input
     out: torch.Tensor  # its raw output
     grad: float | None = None  # sum |d loss / d output|, once backward has reached this call
@@ -48,8 +50,8 @@ class Trace:
             return  # a checkpointed call recomputed during backward, not a new call
         sample = output.sample
         t = torch.as_tensor(args[1])
-        call = UNetCall(int(t) if t.numel() == 1 else -1, args[0].shape[0], sample.requires_grad, args[0].detach().clone(),
-                        sample.detach().clone())
+        call = UNetCall(int(t) if t.numel() == 1 else -1, args[0].shape[0], sample.requires_grad, args[0].requires_grad,
+                        args[0].detach().clone(), sample.detach().clone())
         if sample.requires_grad:
             sample.register_hook(lambda g: setattr(call, "grad", g.abs().sum().item()))
         self.events.append(call)

@@ -43,6 +43,20 @@ def test_gradient_flows_exactly_through_the_steps_after_the_drawn_truncation(tru
         assert not any(c.requires_grad for c in calls[:k])
 
 
+@pytest.mark.parametrize("stop_grad_input", [False, True])
+def test_stop_grad_input_detaches_exactly_the_unet_input(stop_grad_input, monkeypatch, tmp_path):
+    """DRTune eq. 3 on AlignProp (DRTune sec. 4.2): the steps after the truncation keep their gradient; with the
+    flag no UNet input carries gradient, without it the inputs after the first trained step do."""
+    T = 5
+    flags = [*TINY, "--num-steps", str(T), "--truncation", "uniform", "--iters", "3"]
+    trace, rows = run_main(alignprop, flags + (["--stop-grad-input"] if stop_grad_input else []), monkeypatch,
+                           tmp_path / "run")
+    for (calls, _), row in zip(trace.training_segments(), rows):
+        [k] = row["truncation"]
+        assert [i for i, c in enumerate(calls) if c.requires_grad and c.grad] == list(range(k, T))
+        assert [c.input_requires_grad for c in calls] == [not stop_grad_input and i > k for i in range(T)]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--truncation", "exponential"], "--truncation"),
     (["--reward", "jpeg_compressibility"], "not differentiable"),

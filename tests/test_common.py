@@ -316,7 +316,7 @@ def test_toy_prompts_evaluate_on_their_held_out_companion_set():
 ROOT = Path(__file__).resolve().parents[1]
 USER_REWARD = "tests/user_rewards.py:brightness"  # brightness, with faults on demand (see the module)
 TINY_RUN = ["--model", "embedded-tiny-sd", "--reward", USER_REWARD, "--eval-size", "2", "--eval-every", "2",
-            "--threads", "1", "--save-every", "1", "--iters", "5"]
+            "--eval-num-steps", "3", "--threads", "1", "--save-every", "1", "--iters", "5"]
 METHODS = {  # each script (and variant) with a tiny setting of its own flags
     "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--early-stop", "1", "--batch-size", "2"],
     "draft": ["draft.py", "--num-steps", "3", "--K", "1", "--lv", "1", "--batch-size", "2"],
@@ -683,3 +683,74 @@ def test_ranks_holding_different_weights_stop_the_run(pipe, tmp_path, monkeypatc
         run.save()
     assert stop.value.code == 3 and "the ranks hold different LoRA weights" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# --- compute counts and budgets ------------------------------------------------------------------------------
+
+
+def hand_count(method, row):
+    """UNet image-steps forward/backward, VAE decodes and reward evaluations of one iteration, by hand (embedded
+    model, batch 2, guidance on: a guided call is 2 image-steps per image; checkpointed calls run twice)."""
+    if method == "drtune":  # T 4, stop at t_min 1: 4 guided calls; both trained steps reached, recomputed
+        return {"unet_forwards": 4 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 2, "reward_evals": 2}
+    if method == "draft":  # T 3, K 1, LV 1: 3 guided calls, the last recomputed; one LV call on the 2 copies, too
+        return {"unet_forwards": 3 * 4 + 4 + 2 * 4, "unet_backwards": 4 + 4, "vae_decodes": 4, "reward_evals": 4}
+    if method == "refl":  # no guidance (ReFL's 1.0); calls down to the stop step, which is trained and recomputed
+        calls = 4 - row["t_stop"] + 1
+        return {"unet_forwards": 2 * calls + 2, "unet_backwards": 2, "vae_decodes": 2, "reward_evals": 2}
+    if method == "alignprop":  # T 4: 4 guided calls; steps k..3 trained and recomputed
+        trained = 4 - row["truncation"][0]
+        return {"unet_forwards": 4 * 4 + trained * 4, "unet_backwards": trained * 4, "vae_decodes": 2,
+                "reward_evals": 2}
+    if method == "ddpo":  # 2 batches x T 3 sampled; every (sample, step) re-scored with gradient, guided
+        return {"unet_forwards": 2 * 3 * 4 + 2 * 3 * 4, "unet_backwards": 2 * 3 * 4, "vae_decodes": 4,
+                "reward_evals": 4}
+    if method == "rwr":  # 2 batches x T 3 sampled; 2 updates of one guided denoising call on 2 samples
+        return {"unet_forwards": 2 * 3 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 4, "reward_evals": 4}
+    if method == "d3po":  # 2 prompts x 2 samples (4 images) x T 3; each step re-scored by pi_theta and pi_ref
+        return {"unet_forwards": 3 * 8 + 3 * (8 + 8), "unet_backwards": 3 * 8, "vae_decodes": 4, "reward_evals": 4}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_compute_count_of_one_iteration_is_the_hand_count(method, tmp_path, monkeypatch):
+    import importlib
+
+    script, *flags = METHODS[method]
+    monkeypatch.setattr(sys, "argv", [script, *TINY_RUN, *flags, "--iters", "1", "--run-dir", str(tmp_path / "run")])
+    importlib.import_module(Path(script).stem).main()
+    row, final = metrics(tmp_path / "run")
+    expected = hand_count(method, row)
+    assert {k: row[k] for k in expected} == expected
+    assert row["compute"] == expected["unet_forwards"] + 2 * expected["unet_backwards"]
+    assert {k: final[k] for k in expected} == expected  # the final evaluation is not counted
+
+
+def test_the_budget_stops_a_run_after_the_iteration_that_reaches_it(tmp_path):
+    script, *flags = METHODS["drtune"]  # 40 compute units an iteration
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "50", "--budget", "100",
+                           "--run-dir", str(tmp_path / "run")))
+    assert result.returncode == 0, result.stderr
+    rows = metrics(tmp_path / "run")
+    assert [r["compute"] for r in rows] == [40, 80, 120, 120] and rows[-1]["final"]
+    assert common.load_checkpoint(tmp_path / "run")["iter"] == 3
+    timed = finish(launch(script, *TINY_RUN, *flags, "--iters", "50", "--budget-seconds", "0.001",
+                          "--run-dir", str(tmp_path / "timed")))
+    assert timed.returncode == 0 and [r["iter"] for r in metrics(tmp_path / "timed")] == [0, 1]
+
+
+# --- defaults that follow the model --------------------------------------------------------------------------
+
+
+def test_auto_prompts_and_clip_follow_the_model(embedded_dir, tmp_path, monkeypatch):
+    import drtune
+
+    for model, prompts, clip, steps in (("toy", "toy", "toy", 20), (str(embedded_dir), "general", common.REAL_CLIP, 50)):
+        monkeypatch.setattr(sys, "argv", ["drtune.py", "--model", model, "--reward", "symmetry", "--clip-weight", "0",
+                                          "--run-dir", str(tmp_path / "run")])
+        args = common.parse_args(drtune.Args, "drtune.py")
+        drtune.check_args(args)
+        assert (args.prompts, args.clip_model, args.eval_num_steps) == (prompts, clip, steps)
+    monkeypatch.setattr(sys, "argv", ["drtune.py", "--model", str(embedded_dir), "--reward", "jpeg_compressibility"])
+    args = common.parse_args(drtune.Args, "drtune.py")
+    assert common.default_prompts(args.reward) == "simple_animals"
+    assert common.default_prompts("objectness+0.1*brightness") == "books"

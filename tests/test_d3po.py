@@ -20,7 +20,7 @@ import d3po
 
 ROOT = Path(__file__).resolve().parents[1]  # tests/conftest.py puts it on sys.path and loads `pipe`
 
-TINY = ["--num-steps", "2", "--eval-size", "2", "--threads", "2"]
+TINY = ["--num-steps", "2", "--eval-size", "2", "--eval-num-steps", "2", "--threads", "2"]
 
 
 def run_main(monkeypatch, *argv):
@@ -369,3 +369,35 @@ def test_labelling_page_in_headless_chromium(samples, tmp_path, monkeypatch):
     assert [x["scores"] for x in labels["labels"]] == [[0, 1, 0], [0, 0, 1], [0, 0, 0]]
     scores = d3po.load_labels([str(exported)], meta)  # the train phase accepts the export
     assert torch.equal(d3po.preferences(scores[:2]), torch.tensor([[-1.0, 0.0, 1.0], [0.0, -1.0, -1.0]]))
+
+
+def test_two_human_rounds_sample_from_and_reference_the_previous_round(samples, tmp_path, monkeypatch, capsys):
+    """The paper's §5.2 loop: round 2 samples from round 1's model, starts from it and is referenced to it."""
+    meta = json.loads((samples / "samples.json").read_text())
+    labels = tmp_path / "round1.json"
+    labels.write_text(json.dumps(page_export(meta, [0, 1, 2])))
+    round1 = tmp_path / "round1_trained"
+    train = ["--feedback", "human", "--phase", "train", *TINY, "--samples-per-prompt", "3", "--iters", "2",
+             "--batch-size", "1", "--lr", "0.05"]
+    run_main(monkeypatch, *train, "--samples", str(samples), "--labels", str(labels), "--run-dir", str(round1))
+    assert meta["init_lora_id"] == ""  # round 1 sampled the pretrained model
+    round2 = tmp_path / "round2"
+    run_main(monkeypatch, "--feedback", "human", "--phase", "sample", *TINY, "--num-prompts", "3",
+             "--samples-per-prompt", "3", "--init-lora", str(round1), "--run-dir", str(round2))
+    meta2 = json.loads((round2 / "samples.json").read_text())
+    assert meta2["init_lora"] == str(round1) and meta2["init_lora_id"] == d3po.lora_id(str(round1)) != ""
+    labels2 = tmp_path / "round2.json"
+    labels2.write_text(json.dumps(page_export(meta2, [2, 0, 1])))
+    second = [*train, "--samples", str(round2), "--labels", str(labels2)]
+    # the samples were drawn from round 1's model: training must start there
+    capsys.readouterr()
+    expect_usage_error(monkeypatch, capsys, second, tmp_path / "wrong_start", "not the model the samples")
+    run_main(monkeypatch, *second, "--init-lora", str(round1), "--run-dir", str(tmp_path / "round2_trained"))
+    rows = [json.loads(line) for line in (tmp_path / "round2_trained" / "metrics.jsonl").read_text().splitlines()]
+    # pi_theta starts at round 1's LoRA and pi_ref is round 1's LoRA: every ratio is 1 before the first update
+    assert rows[0]["abs_log_ratio"] == 0 and rows[0]["loss"] == pytest.approx(math.log(2)) and rows[1]["abs_log_ratio"] > 0
+    # the same start referenced to the pretrained model instead: the ratio is not 1 from the first step
+    run_main(monkeypatch, *second, "--init-lora", str(round1), "--ref-lora", "pretrained",
+             "--run-dir", str(tmp_path / "to_pretrained"))
+    rows = [json.loads(line) for line in (tmp_path / "to_pretrained" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["abs_log_ratio"] > 0

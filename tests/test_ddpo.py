@@ -15,7 +15,7 @@ from gradient_family import expect_bad_input
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--iters", "2", "--num-steps", "3", "--batch-size", "2", "--eval-size", "2", "--eval-every", "0",
-        "--threads", "1"]
+        "--eval-num-steps", "3", "--threads", "1"]
 
 
 def run_script(*flags, timeout=300):

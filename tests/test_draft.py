@@ -35,6 +35,19 @@ def test_gradient_reaches_exactly_the_last_k_steps_of_the_real_rollout(K, monkey
     assert rows[0]["trained_steps"] == draft.draft_steps(T, K)
 
 
+@pytest.mark.parametrize("stop_grad_input", [False, True])
+def test_stop_grad_input_detaches_exactly_the_unet_input(stop_grad_input, monkeypatch, tmp_path):
+    """DRTune eq. 3 on DRaFT (DRTune sec. 4.2): every trained step still gets gradient, but no UNet input carries
+    gradient to an earlier step; without it, every input after the first trained step does."""
+    T = 4
+    flags = [*TINY, "--num-steps", str(T), "--K", "-1"] + (["--stop-grad-input"] if stop_grad_input else [])
+    trace, rows = run_main(draft, flags, monkeypatch, tmp_path / "run")
+    for calls, _ in trace.training_segments():
+        assert all(c.requires_grad and c.grad > 0 for c in calls)  # the outputs of all T steps are trained
+        assert [c.input_requires_grad for c in calls] == [False] + [not stop_grad_input] * (T - 1)
+    assert all(r["grad_norm"] > 0 for r in rows)
+
+
 def test_lv_has_1_plus_n_reward_terms_and_gradient_only_through_the_last_step(monkeypatch, tmp_path):
     T, n, B = 4, 2, 2
     trace, _ = run_main(draft, [*TINY, "--num-steps", str(T), "--K", "1", "--lv", str(n)], monkeypatch,
