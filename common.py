@@ -30,9 +30,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 import tyro
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -140,15 +142,33 @@ def resolve_pretrained(name: str, flag: str, marker: str, what: str, example: st
     return name
 
 
+# The pipelines --model may name (model_index.json's _class_name), and what each is loaded with.
+PIPELINES = {"StableDiffusionPipeline": (StableDiffusionPipeline, {"safety_checker": None,
+                                                                  "requires_safety_checker": False}),
+             "StableDiffusionXLPipeline": (StableDiffusionXLPipeline, {"add_watermarker": False})}
+
+
 def resolve_model(model: str) -> str:
-    """Check `--model` without loading it: the toy model, the embedded one, a local folder or a hub id."""
+    """Check `--model` without loading it: the toy model, the embedded one, a local folder or a hub id of a
+    Stable Diffusion 1.x/2.x or XL pipeline."""
     if model == EMBEDDED_MODEL:
         return model
     if model == TOY_MODEL:
         return str(TOY_MODEL_DIR)
-    return resolve_pretrained(model, "--model", "model_index.json",
-                              "a diffusers Stable Diffusion folder (StableDiffusionPipeline.save_pretrained or a "
-                              f"hub snapshot; default: {TOY_MODEL})", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    source = resolve_pretrained(model, "--model", "model_index.json",
+                                "a diffusers Stable Diffusion (1.x, 2.x or XL) folder (save_pretrained or a hub "
+                                f"snapshot; default: {TOY_MODEL})", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    index = Path(source) / "model_index.json"
+    kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if index.is_file() and kind not in PIPELINES:
+        fail(f"--model {model} is a {kind}; the scripts take {' or '.join(PIPELINES)}")
+    return source
+
+
+def resolve_vae(name: str) -> str:
+    """Check `--vae`: an AutoencoderKL folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    return resolve_pretrained(name, "--vae", "config.json", "a diffusers AutoencoderKL folder",
+                              "madebyollin/sdxl-vae-fp16-fix")
 
 
 def resolve_clip(name: str) -> str:
@@ -180,23 +200,30 @@ def reward_function(args, device="cpu", dtype=torch.float32):
     return reward
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Stable Diffusion 1.x/2.x from a hub id, a local folder or the embedded tiny model.
-
-    VAE and text encoder frozen; the UNet frozen too (LoRA adds the trainable part); DDIM scheduler
-    built from the model's own betas and prediction type (epsilon or v).
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", vae: str = ""):
+    """Stable Diffusion 1.x/2.x or XL from a hub id, a local folder or the embedded tiny model; the pipeline class
+    is the one its model_index.json names. Every component frozen (LoRA adds the trainable part to the UNet); the
+    DDIM scheduler built from the model's own betas and prediction type (epsilon or v); `vae` replaces its VAE.
     """
     source = resolve_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         if source == EMBEDDED_MODEL:  # built to disk, then loaded through the same path as any model
             build_embedded_pipeline(tmp)
             source = tmp
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
+        cls, options = PIPELINES[DiffusionPipeline.load_config(source)["_class_name"]]
+        if vae:
+            options = options | {"vae": AutoencoderKL.from_pretrained(resolve_vae(vae), dtype=dtype)}
+        pipe = cls.from_pretrained(source, dtype=dtype, **options)
+    # No clipping of x0 (DDIM's default where a config does not say, e.g. SDXL's Euler one): latents are not in [-1, 1],
+    # and ddim_step_with_logprob never clips.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast"):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (decode upcasts to the VAE's dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    pipe.unet.pixels_per_latent = pipe.vae_scale_factor  # SDXL's time ids are in pixels (unet_output)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -227,6 +254,7 @@ def save_lora(unet, run_dir):
     """Write `pytorch_lora_weights.safetensors` (atomically) so `pipe.load_lora_weights(run_dir)` loads it."""
     lora = get_peft_model_state_dict(unet)  # PEFT key names: diffusers loads them for every module kind
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # write aside, then swap in: never half-written
+        # the same file for SD and SDXL: unet.* keys, which both pipelines' load_lora_weights read
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
         os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(run_dir) / "pytorch_lora_weights.safetensors")
 
@@ -274,9 +302,17 @@ def load_lora(unet, path: str, what: str = "--init-lora"):
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]):
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    """The text conditioning, one tensor (B, tokens, width) that every script can batch, index and repeat. SDXL's
+    pooled embedding (its second text encoder's) rides along as one more token, zero-padded; unet_output splits it
+    off again. An all-empty batch under SDXL's force_zeros_for_empty_prompt is zeros, as its pipeline makes it."""
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+    embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device, do_classifier_free_guidance=False)
+    if pipe.config.force_zeros_for_empty_prompt and not any(prompts):
+        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return torch.cat([embeds, F.pad(pooled, (0, embeds.shape[-1] - pooled.shape[-1]))[:, None]], dim=1)
 
 
 def decode(vae, latents, checkpoint: bool = False):
@@ -315,12 +351,23 @@ def unet_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0
     guided = uncond is not None and guidance_scale != 1.0
     count("unet_forwards", len(latents) * (2 if guided else 1))
     if not guided:
-        return _count_backward(unet(latents.to(unet.dtype), t, cond.to(unet.dtype)).sample).float()
+        return _count_backward(_unet(unet, latents.to(unet.dtype), t, cond.to(unet.dtype))).float()
     if torch.is_tensor(t) and t.ndim == 1:  # one timestep per row: the doubled batch needs them twice
         t = torch.cat([t, t])
-    out = unet(torch.cat([latents, latents]).to(unet.dtype), t, torch.cat([uncond, cond]).to(unet.dtype))
-    out_uncond, out_cond = _count_backward(out.sample).float().chunk(2)
+    out = _unet(unet, torch.cat([latents, latents]).to(unet.dtype), t, torch.cat([uncond, cond]).to(unet.dtype))
+    out_uncond, out_cond = _count_backward(out).float().chunk(2)
     return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def _unet(unet, latents, t, cond):
+    """One UNet call. SDXL's takes two added conditions: the pooled text embedding (cond's last token, see
+    encode_prompts) and the time ids (original size, crop corner, target size: the image's size, no crop)."""
+    if unet.config.addition_embed_type != "text_time":
+        return unet(latents, t, cond).sample
+    pooled = cond[:, -1, :unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim]
+    h, w = (side * unet.pixels_per_latent for side in latents.shape[-2:])
+    time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=cond.dtype, device=cond.device).expand(len(latents), 6)
+    return unet(latents, t, cond[:, :-1], added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 def _count_backward(sample):
@@ -710,6 +757,8 @@ def check_common_args(args, differentiable: bool):
         fail(f"--prompts {args.prompts} are the toy world's captions; with --model {args.model} use a set that suits "
              f"it (auto = the reward's: {default_prompts(args.reward)})")
     resolve_model(args.model)
+    if args.vae:
+        resolve_vae(args.vae)
     # Every model the reward needs is found (local, cached, or a reachable Hub) now, none loaded yet.
     if not rewards.check(args.reward, **reward_options(args)) and differentiable:
         fail(f"--reward {args.reward} is not differentiable; this method needs one of "

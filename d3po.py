@@ -46,7 +46,9 @@ SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "
 @dataclass
 class Args:
     model: str = common.TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    vae: str = ""
+    """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function: the preference oracle for --feedback reward, the eval score for both modes"""
     reward_model: str = ""
@@ -420,7 +422,7 @@ def main():
     prompts, human = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
-    pipe = common.load_pipeline(args.model, dtype, device)
+    pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     if args.phase == "sample":
         if args.init_lora:  # a later round of the human loop samples from the previous round's model

@@ -26,7 +26,9 @@ import common
 @dataclass
 class Args:
     model: str = common.TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    vae: str = ""
+    """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     reward_model: str = ""
@@ -144,7 +146,7 @@ def main():
     prompts = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
-    pipe = common.load_pipeline(args.model, dtype, device)
+    pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -44,7 +44,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 @dataclass
 class Args:
     model: str = common.TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    vae: str = ""
+    """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     reward_model: str = ""
@@ -210,7 +212,7 @@ def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
         target = scheduler.get_velocity(latents, noise, t)
     else:
         target = noise
-    prediction = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+    prediction = common.unet_output(unet, noisy, t, cond)
     return torch.nn.functional.mse_loss(prediction, target)
 
 
@@ -220,7 +222,7 @@ def main():
     prompts, pretrain_pairs = check_args(args)
     device, dtype = common.setup_device(args.device, args.dtype, args.threads)
     common.seed_everything(args.seed)
-    pipe = common.load_pipeline(args.model, dtype, device)
+    pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

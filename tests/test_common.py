@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -754,3 +755,82 @@ def test_auto_prompts_and_clip_follow_the_model(embedded_dir, tmp_path, monkeypa
     args = common.parse_args(drtune.Args, "drtune.py")
     assert common.default_prompts(args.reward) == "simple_animals"
     assert common.default_prompts("objectness+0.1*brightness") == "books"
+
+
+# --- Stable Diffusion XL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL pipeline built from config and saved: `--model DIR` loads it as it would a hub snapshot."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_arch
+
+    return sd_arch.build("tiny-sdxl", str(tmp_path_factory.mktemp("sdxl") / "model"))
+
+
+def test_sdxl_loads_by_its_model_index_and_its_conditioning_is_the_pipelines(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = common.load_pipeline(tiny_sdxl)
+    assert isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert not any(p.requires_grad for p in pipe.text_encoder_2.parameters())
+    prompts = ["a photo of a cat", "a red fox"]
+    cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, ["", ""])
+    assert cond.shape == (2, 77 + 1, 64) and not uncond.any()  # force_zeros_for_empty_prompt
+    x, t = torch.randn(2, 4, 16, 16), pipe.scheduler.timesteps[0] if len(pipe.scheduler.timesteps) else 500
+    ours = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    # the pipeline's own way: encode_prompt with CFG, time ids from _get_add_time_ids, one doubled UNet call
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+    time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), dtype=embeds.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    with torch.no_grad():
+        out = pipe.unet(torch.cat([x, x]), t, torch.cat([negative, embeds]), added_cond_kwargs={
+            "text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": time_ids.repeat(4, 1)}).sample
+    theirs = out[:2] + 5.0 * (out[2:] - out[:2])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_logprob_step_reproduces_the_ddim_scheduler_built_from_its_config(tiny_sdxl):
+    pipe = common.load_pipeline(tiny_sdxl)
+    scheduler = pipe.scheduler  # DDIM from SDXL's Euler config: timestep_spacing "leading", steps_offset 1
+    scheduler.set_timesteps(10)
+    sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        model_output = torch.randn_like(sample)
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(int(t)))
+        expected = scheduler.step(model_output, t, sample, eta=1.0, variance_noise=noise).prev_sample
+        ours, log_prob = common.ddim_step_with_logprob(scheduler, model_output, t, sample, 1.0,
+                                                       generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        assert log_prob.shape == (2,) and torch.isfinite(log_prob).all()
+        sample = expected
+
+
+def test_sdxl_lora_loads_with_the_xl_pipelines_load_lora_weights(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = common.load_pipeline(tiny_sdxl)
+    for p in common.add_lora(pipe.unet, 4):
+        torch.nn.init.normal_(p, std=0.1)
+    common.save_lora(pipe.unet, tmp_path)
+    fresh = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    fresh.load_lora_weights(str(tmp_path))
+    fresh.unet.pixels_per_latent = 2
+    x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(pipe, ["a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(common.unet_output(fresh.unet, x, 500, cond), common.unet_output(pipe.unet, x, 500, cond))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_script_runs_an_iteration_on_sdxl(method, tiny_sdxl, tmp_path, monkeypatch):
+    import importlib
+
+    script, *flags = METHODS[method]
+    argv = [*TINY_RUN, *flags, "--model", tiny_sdxl, "--prompts", "simple_animals", "--iters", "2"]
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--run-dir", str(tmp_path / "run")])
+    importlib.import_module(Path(script).stem).main()
+    rows = metrics(tmp_path / "run")
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in rows[:-1])
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["eval_num_steps"] == 3
