@@ -7,8 +7,6 @@ sampling stops, what is rewarded and how the loss is built, and passes those cho
 """
 
 import contextlib
-import functools
-import inspect
 import io
 import json
 import math

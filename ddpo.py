@@ -152,7 +152,7 @@ def check_args(args: Args):
     grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 2))
     if args.estimator == "sf" and (grad_accum != args.sample_batches or args.inner_epochs != 1):
         common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
-                    f"(= --sample-batches) and --inner-epochs at 1, or use --estimator is")
+                    "(= --sample-batches) and --inner-epochs at 1, or use --estimator is")
     if grad_accum < 0 or args.sample_batches % grad_accum:
         common.fail(f"--grad-accum {grad_accum} must divide --sample-batches {args.sample_batches} "
                     "(each update takes a whole number of sampling batches)")

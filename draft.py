@@ -18,7 +18,6 @@ The paper's small-scale settings on Stable Diffusion 1.4 (a GPU):
         --batch-size 4 --iters 2000 --eval-every 100
 """
 
-import random
 from dataclasses import dataclass
 
 import torch
