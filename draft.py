@@ -209,8 +209,7 @@ def main():
         scores, images = common.evaluate(pipe, eval_set, reward_fn, num_steps=args.eval_num_steps,
                                          guidance_scale=args.eval_guidance_scale, resolution=resolution)
         run.save_images(images, f"eval_{it:05d}.png")
-        row = {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
-        return row
+        return {"eval_reward_mean": scores.mean().item(), "eval_reward_std": scores.std().item()}
 
     samples_seen = run.last("samples_seen")
     for it in run.iterations():
