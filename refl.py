@@ -31,13 +31,15 @@ from PIL import Image
 
 import common
 
-# (phi, lambda) per reward when --phi / --lam are not given. The original phi = 2, lambda = 1e-3 suit
-# ImageReward, a normalised score (about N(0, 1) on real images) with large gradients. For our rewards phi
-# is at or above the best achievable value (colourfulness stays below ~470), so the ReLU never cuts the gradient and the loss is lambda * (phi - r),
-# plain reward ascent; lambda = 1 because Adam's update stalls once gradients approach its eps (1e-8):
-# brightness gradients times 1e-3 are about 1e-8 per LoRA weight on the embedded model.
-REWARD_DEFAULTS = {"brightness": (1.0, 1.0), "symmetry": (0.0, 1.0), "compression": (0.0, 1.0),
-                   "colorfulness": (500.0, 1.0)}
+# (phi, lambda) per reward when --phi / --lam are not given. ImageReward's are the original's (phi 2, lambda 1e-3:
+# a normalised score, about N(0, 1), with large gradients). For the others phi is at or above the best value the
+# reward can reach (symmetry: 100 x --clip-weight up to 0.1; cosines: 1 or 100; colourfulness stays below ~470),
+# so the ReLU never cuts the gradient and the loss is lambda * (phi - r), plain reward ascent; lambda = 1 because
+# Adam's update stalls once gradients approach its eps (1e-8): brightness gradients times 1e-3 are about 1e-8 per
+# LoRA weight on the embedded model.
+REWARD_DEFAULTS = {"imagereward": (2.0, 1e-3), "brightness": (1.0, 1.0), "symmetry": (10.0, 1.0),
+                   "compression": (0.0, 1.0), "colorfulness": (500.0, 1.0), "clipscore": (100.0, 1.0),
+                   "pickscore": (100.0, 1.0), "hpsv2": (1.0, 1.0), "aesthetic": (10.0, 1.0), "objectness": (0.0, 1.0)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 

@@ -117,3 +117,11 @@ def test_script_runs_as_a_user_runs_it(tmp_path):
     check_run_dir(tmp_path / "run", iters=2)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_default_threshold_never_cuts_the_symmetry_rewards_gradient(monkeypatch, tmp_path):
+    """symmetry with its CLIP regulariser is positive (about 0.5 on the toy world): phi must sit above it, or
+    ReLU(phi - r) is 0 and nothing is learned."""
+    flags = [*TINY, "--reward", "symmetry", "--num-steps", "4", "--t1", "1", "--t2", "2"]
+    _, rows = run_main(refl, flags, monkeypatch, tmp_path / "run")
+    assert all(r["reward_mean"] > 0 and r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
