@@ -132,7 +132,7 @@ SHARED_FLAGS = {"prompts", "clip-model", "clip-weight", "reward-model", "reward-
                 "eval-guidance-scale", "resolution"}
 X_AXES = {"compute": "compute (UNet image-step forwards + 2 x backwards)",
           "reward_evals": "reward queries (images scored in training)",
-          "seconds": "wall time (s)"}
+          "seconds": "training time (s; evaluations left out)"}
 FIDELITY = ("asymmetry", "clipscore", "colour", "shape", "background")  # toyworld/check.py's report
 DEFAULT_CAP = 100_000  # --iters when a budget decides the length: only the budget should stop a run
 PROBE_ITERS = 2
@@ -350,6 +350,11 @@ def finished(rows: list) -> bool:
     return bool(rows) and bool(rows[-1].get("final"))
 
 
+def seconds(row: dict) -> float:
+    """Training seconds: the row's wall time less the run's evaluations (as the scripts' --budget-seconds)."""
+    return row["wall_time_s"] - row.get("eval_time_s", 0.0)
+
+
 def eval_curve(rows: list) -> dict:
     """The run's evaluations as columns. An eval row is measured before its iteration's update (the final row
     after the last one), so its x is the work done by then: the previous row's cumulative compute, reward
@@ -357,13 +362,13 @@ def eval_curve(rows: list) -> dict:
     curve = {k: [] for k in ("iter", "compute", "reward_evals", "seconds", "eval_reward_mean", "eval_reward_std")}
     if any("policy_reward_mean" in r for r in rows):  # RL scripts: the reward of their own training sampler
         curve["policy_reward_mean"] = []
-    before = {"compute": 0, "reward_evals": 0, "wall_time_s": 0.0}
+    before = {"compute": 0, "reward_evals": 0, "wall_time_s": 0.0, "eval_time_s": 0.0}
     for row in rows:
         if "eval_reward_mean" in row:
             curve["iter"].append(row["iter"])
             curve["compute"].append(before["compute"])
             curve["reward_evals"].append(before["reward_evals"])
-            curve["seconds"].append(before["wall_time_s"])
+            curve["seconds"].append(seconds(before))
             curve["eval_reward_mean"].append(row["eval_reward_mean"])
             curve["eval_reward_std"].append(row.get("eval_reward_std"))
             if "policy_reward_mean" in curve:
@@ -377,7 +382,7 @@ def train_curve(rows: list) -> dict:
     cumulative counts (measured during the iteration)."""
     its = [r for r in rows if not r.get("final")]
     curve = {"iter": [r["iter"] for r in its], "compute": [r["compute"] for r in its],
-             "reward_evals": [r["reward_evals"] for r in its], "seconds": [r["wall_time_s"] for r in its],
+             "reward_evals": [r["reward_evals"] for r in its], "seconds": [seconds(r) for r in its],
              "reward_mean": [r.get("reward_mean") for r in its]}
     if any("grad_norm" in r for r in its):
         curve["grad_norm"] = [r.get("grad_norm") for r in its]
@@ -392,7 +397,7 @@ def final_info(rows: list, budget: float) -> dict:
             "eval_reward_std": final.get("eval_reward_std"), "compute": final["compute"],
             "reward_evals": final["reward_evals"], "unet_forwards": final.get("unet_forwards"),
             "unet_backwards": final.get("unet_backwards"), "vae_decodes": final.get("vae_decodes"),
-            "seconds": its[-1]["wall_time_s"], "wall_time_s": final["wall_time_s"],
+            "seconds": seconds(its[-1]), "wall_time_s": final["wall_time_s"],
             "samples_seen": its[-1].get("samples_seen")}
     previous = its[-2]["compute"] if len(its) > 1 else 0
     info["budget_stop"] = bool(budget) and final["compute"] >= budget > previous
@@ -411,8 +416,7 @@ def eval_every_from_probe(rows: list, budget: float, budget_seconds: float, iter
     its compute and seconds per iteration (the first iteration's seconds hold its iteration-0 eval: left out)."""
     its = [r for r in rows if not r.get("final")]
     per_compute = its[-1]["compute"] / len(its)
-    per_second = (its[-1]["wall_time_s"] - its[0]["wall_time_s"]) / (len(its) - 1) if len(its) > 1 \
-        else its[0]["wall_time_s"]
+    per_second = (seconds(its[-1]) - seconds(its[0])) / (len(its) - 1) if len(its) > 1 else seconds(its[0])
     length = [iters]
     if budget:
         length.append(budget / max(per_compute, 1e-9))
@@ -634,7 +638,10 @@ def collect(s) -> dict:
             **{k: mean_std([r["final"][k] for r in values])[:2] for k in ("compute", "reward_evals", "seconds",
                                                                           "samples_seen")},
             "fidelity": ({k: mean_std([(r["fidelity"] or {}).get(k) for r in values])[:2] for k in FIDELITY}
-                         if s.fidelity else None)}
+                         if s.fidelity else None),
+            # gradient scripts: the LoRA gradient norm before clipping, averaged over the run (DRTune Fig. 7)
+            "grad_norm": mean_std([float(np.mean(r["train"]["grad_norm"])) if "grad_norm" in r["train"] else None
+                                   for r in values])[:2]}
     # Iteration 0 evaluates the pretrained model: the same prompts and noise in every run, hence one value.
     curves["pretrained"] = {"eval_reward": mean_std(zero)[:2], "n": len(zero),
                             "fidelity": read_fidelity(s.out / "runs" / "pretrained__fidelity.json", s.fidelity_n)
@@ -656,8 +663,9 @@ def fmt_count(mean, std=None) -> str:
 def write_table(s, curves: dict, path: Path):
     common = curves["common_point"]["value"]
     at = f"eval reward @ {s.x} {fmt_count(common) if s.x != 'seconds' else fmt(common)}"
+    grad = any(m["summary"]["grad_norm"][0] is not None for m in curves["methods"].values())
     head = ["method", "n", "final eval reward", at] + (list(FIDELITY) if s.fidelity else []) + \
-        ["compute", "seconds", "samples", "reward evals"]
+        (["grad norm"] if grad else []) + ["compute", "seconds", "samples", "reward evals"]
     pre = curves["pretrained"]
     pre_fid = pre["fidelity"] or {}
     lines = [f"# {s.name}", ""]
@@ -672,13 +680,14 @@ def write_table(s, curves: dict, path: Path):
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| " + " | ".join(["pretrained (iteration 0)", str(pre["n"]), fmt(*pre["eval_reward"]),
                                     fmt(*pre["eval_reward"])] + [fmt(pre_fid.get(k)) for k in FIDELITY if s.fidelity]
-                                   + ["0", "0", "0", "0"]) + " |")
+                                   + ["–"] * grad + ["0", "0", "0", "0"]) + " |")
     for name, method in curves["methods"].items():
         m = method["summary"]
         if not m["n"]:
             continue
         cells = [name, str(m["n"]), fmt(*m["final_eval_reward"]), fmt(*m["at_common_point"])]
         cells += [fmt(*m["fidelity"][k]) for k in FIDELITY] if s.fidelity else []
+        cells += [fmt(*m["grad_norm"], digits=3)] if grad else []
         cells += [fmt_count(*m["compute"]), fmt(*m["seconds"], digits=3), fmt_count(*m["samples_seen"]),
                   fmt_count(*m["reward_evals"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -693,9 +702,10 @@ def write_table(s, curves: dict, path: Path):
                   "is DRTune eq. 6, lower is better; colour, shape, background: fraction of samples showing the "
                   "prompted one)."]
     lines += ["", "compute: UNet image-step forwards + 2 × backwards (CFG counts both halves, checkpoint "
-              "recomputation counts; evaluation is not counted). seconds: wall time up to the last update, including "
-              f"the run's periodic evaluations (--jobs {s.jobs}, --threads {s.threads}). samples: training images "
-              "generated. reward evals: images scored in training.", "",
+              "recomputation counts; evaluation is not counted). seconds: training time up to the last update, the "
+              f"evaluations left out (--jobs {s.jobs}, --threads {s.threads}). grad norm: the LoRA gradient's norm before "
+              "clipping, averaged over the run's updates. samples: training images generated. reward evals: images "
+              "scored in training.", "",
               "| method | command | eval every (iterations) |", "|---|---|---|"]
     lines += [f"| {name} | `{method['command']}` | {method['eval_every']} |"
               for name, method in curves["methods"].items()]
@@ -865,7 +875,7 @@ def main(argv=None):
         if s.budget:
             parts.append(row["compute"] / s.budget)
         if s.budget_seconds:
-            parts.append(row["wall_time_s"] / s.budget_seconds)
+            parts.append(seconds(row) / s.budget_seconds)
         return min(1.0, max(parts))
 
     def progress(running):
@@ -902,8 +912,8 @@ def main(argv=None):
                 raise Abort(f"{m.name}: its probe run failed (exit {rc}); see {probe_dir / 'compare.log'}", code=1)
             m.eval_every = eval_every_from_probe(rows, s.budget, s.budget_seconds, s.iters, s.evals)
             its = [r for r in rows if not r.get("final")]
-            seconds = its[-1]["wall_time_s"] - its[-2]["wall_time_s"]
-            say(f"{m.name}: {its[-1]['compute'] / len(its):,.0f} compute units and {seconds:.2g} s per iteration "
+            per_it = seconds(its[-1]) - seconds(its[-2])
+            say(f"{m.name}: {its[-1]['compute'] / len(its):,.0f} compute units and {per_it:.2g} s per iteration "
                 f"(probe) -> eval every {m.eval_every} iterations")
         cmd = run_command(s, m, 0, probe_dir, True)  # seed 0 whatever --seeds: a probe measures cost only
         if (probe_dir / "compare.json").is_file() and \
