@@ -107,7 +107,7 @@ def test_clip_model_is_not_needed_when_nothing_uses_it(monkeypatch, tmp_path):
 def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--early-stop", "2",
-                        "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(run_dir))
+                        "--batch-size", "2", "--eval-size", "2", "--eval-num-steps", "4", "--lr", "0.05", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 1, 2, 3] and rows[-1]["final"]
@@ -122,7 +122,7 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
 
     # same seed -> identical run on the CPU
     again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--early-stop", "2",
-                       "--batch-size", "2", "--eval-size", "2", "--lr", "0.05", "--run-dir", str(tmp_path / "again"))
+                       "--batch-size", "2", "--eval-size", "2", "--eval-num-steps", "4", "--lr", "0.05", "--run-dir", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     rows_again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "eval_time_s")} for r in rs]  # noqa: E731
