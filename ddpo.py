@@ -62,6 +62,9 @@ class Args:
     """images per sampling batch, and per training micro-batch (equal, so re-scoring repeats sampling)"""
     sample_batches: int = 4
     """sampling batches per round: samples per round = batch_size x sample_batches (paper: 256)"""
+    samples_per_prompt: int = 1
+    """each round draws (samples per round) / this many prompts, each sampled this many times; 1 = iid prompts, as
+    the paper and ddpo-pytorch (their per-prompt statistics then fill up over rounds)"""
     grad_accum: int = 0
     """sampling batches per optimizer update (must divide --sample-batches); 0 = all of them for sf (one update
     per round, eq. 3), half for is (paper IS: 4 updates per round)"""
@@ -146,9 +149,12 @@ def check_args(args: Args):
         common.fail(f"--clip-range must be positive (got {args.clip_range})")
     if not 0 < args.timestep_fraction <= 1:
         common.fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
-    for name in ("sample_batches", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
+    for name in ("sample_batches", "samples_per_prompt", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
         if getattr(args, name) < 1:
             common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
+        common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
+                    f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
     grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 2))
     if args.estimator == "sf" and (grad_accum != args.sample_batches or args.inner_epochs != 1):
         common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
@@ -258,10 +264,15 @@ def main():
             row |= evaluate(it)
 
         # ALGO LOGIC: sampling round with the current policy, recording every transition (C.3's MDP)
+        # The global round's prompts (every rank draws them; each samples its share of every batch), in groups
+        # of --samples-per-prompt so that a prompt's rewards can be normalised among themselves (F.3).
+        n_round = B * args.sample_batches * common.WORLD
+        round_prompts = [p for p in random.choices(prompts, k=n_round // args.samples_per_prompt)
+                         for _ in range(args.samples_per_prompt)]
         latents, log_probs, timesteps, conds, batch_prompts, reward_list = [], [], [], [], [], []
-        for _ in range(args.sample_batches):
-            batch_global = random.choices(prompts, k=B * common.WORLD)  # every rank draws the global batch ...
-            batch = common.shard(batch_global)  # ... and samples its share
+        for b in range(args.sample_batches):
+            batch_global = round_prompts[b * B * common.WORLD:(b + 1) * B * common.WORLD]
+            batch = common.shard(batch_global)
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, B, resolution)
             with torch.no_grad():
