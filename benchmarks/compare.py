@@ -52,72 +52,87 @@ SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.
 # Named comparisons. Keys: about, reward, methods (name -> "script flags"), budget (compute units) and/or
 # budget_seconds, iters, seeds, x (plot axis and common point), evals, eval_size, common_flags (given to every
 # method), fidelity, placeholder. Flags on the command line override a preset's values.
-# PLACEHOLDER: every budget and flag below is a first guess, to be tuned by the lead; "placeholder": True is
-# printed with the results (table.md) until a preset's values have been checked.
-# Scale: DRTune's toy defaults (T 20, K 5, batch 8) cost ~540 units per iteration, its default 70 iterations ~38k.
+# DRTune compared every method with one set of hyperparameters (sec. 4.1: T 50, CFG 7.5, batch 32, lr 2e-5, clip
+# 0.1, LoRA 128); the toy world's equivalent is DRTune's toy defaults, given to every gradient method. Scale:
+# DRTune's toy defaults (T 20, K 5, batch 8) cost ~540 units per iteration, its 70 iterations ~38k.
+UNIFIED = ("--num-steps 20 --guidance-scale 5.0 --eta 0 --batch-size 8 --lr 3e-3 --weight-decay 1e-2 "
+           "--grad-clip 0.1 --lora-rank 8 --clip-weight 0.01")
 PRESETS = {
     "drtune-table1": {
-        "about": "DRTune Table 1 (symmetry) on the toy world: the gradient family at equal compute",
+        "about": "DRTune Table 1, symmetry column, on the toy world: the gradient family at equal compute, one set "
+                 "of hyperparameters for all (ReFL-k and DRaFT-k scaled from T 50 to T 20: k 10 -> 4, 20 -> 8)",
         "reward": "symmetry",
-        "budget": 40_000,  # PLACEHOLDER: ~ DRTune's default 70 iterations
+        "budget": 38_000,
         "seeds": [0, 1, 2],
+        "common_flags": UNIFIED,
         "methods": {
-            "DRTune": "drtune.py",
-            "ReFL": "refl.py",
+            "DRTune": "drtune.py --K 5 --early-stop 3",
+            "ReFL-4": "refl.py --t1 1 --t2 4",
+            "ReFL-8": "refl.py --t1 1 --t2 8",
             "DRaFT-LV": "draft.py --K 1 --lv 2",
-            "DRaFT-K": "draft.py --K 2",  # PLACEHOLDER: K
-            "AlignProp": "alignprop.py",
+            "DRaFT-4": "draft.py --K 4",
+            "AlignProp": "alignprop.py --loss-coeff 1",
         },
-        "placeholder": True,
+        "fidelity": "on",
     },
     "drtune-fig6": {
-        "about": "DRTune Fig. 6 on the toy world: DRaFT-K and AlignProp with and without the stop-gradient of the "
-                 "UNet input (grad_norm is in curves.json)",
+        "about": "DRTune Fig. 6 on the toy world: DRaFT-T (all 20 steps) and AlignProp (T/2 steps on average: uniform "
+                 "truncation), each with and without the stop-gradient of the UNet input, at equal compute",
         "reward": "symmetry",
-        "budget": 40_000,  # PLACEHOLDER
+        "budget": 38_000,
         "seeds": [0, 1, 2],
-        "methods": {  # PLACEHOLDER: the K values (draft.py's toy T is 10)
-            "DRaFT-K2": "draft.py --K 2",
-            "DRaFT-K2-sg": "draft.py --K 2 --stop-grad-input",
-            "DRaFT-K5": "draft.py --K 5",
-            "DRaFT-K5-sg": "draft.py --K 5 --stop-grad-input",
-            "DRaFT-K10": "draft.py --K 10",
-            "DRaFT-K10-sg": "draft.py --K 10 --stop-grad-input",
-            "AlignProp": "alignprop.py",
-            "AlignProp-sg": "alignprop.py --stop-grad-input",
+        "common_flags": UNIFIED,
+        "methods": {
+            "DRaFT-T": "draft.py --K -1",
+            "DRaFT-T-sg": "draft.py --K -1 --stop-grad-input",
+            "AlignProp": "alignprop.py --loss-coeff 1 --truncation uniform",
+            "AlignProp-sg": "alignprop.py --loss-coeff 1 --truncation uniform --stop-grad-input",
         },
-        "placeholder": True,
+        "fidelity": "on",
+    },
+    "drtune-fig7": {
+        "about": "DRTune Fig. 7 on the toy world: the LoRA gradient norm of DRaFT-K against K (T 20), with and without "
+                 "the stop-gradient of the UNet input, over the first 5 updates",
+        "reward": "symmetry",
+        "iters": 5,
+        "seeds": [0],
+        "evals": 1,
+        "common_flags": UNIFIED,
+        "methods": {f"DRaFT-{k}{sg}": f"draft.py --K {k}" + (" --stop-grad-input" if sg else "")
+                    for k in (1, 2, 5, 10, 15, 20) for sg in ("", "-sg")},
+        "fidelity": "off",
     },
     "ddpo-fig3": {
-        "about": "DDPO Fig. 3 (JPEG compressibility) on the toy world: reward vs reward queries",
+        "about": "DDPO Fig. 3 (JPEG compressibility) on the toy world: the RL family at equal reward queries (20 rounds "
+                 "of 32 samples), each method at its best learning rate of a sweep (README)",
         "reward": "jpeg_compressibility",
-        "budget": 50_000,  # PLACEHOLDER: ~ DDPO's default 20 rounds
+        "iters": 20,
         "x": "reward_evals",
         "seeds": [0, 1, 2],
         "methods": {
             "DDPO-IS": "ddpo.py --estimator is",
             "DDPO-SF": "ddpo.py --estimator sf",
-            "RWR": "rwr.py --weighting softmax",
-            "RWR-sparse": "rwr.py --weighting sparse",
+            "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8",
+            "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8",
         },
-        "placeholder": True,
     },
     "d3po-vs-ddpo": {
-        "about": "D3PO against DDPO on the same reward (JPEG compressibility) on the toy world",
+        "about": "D3PO (preferences from the reward) against DDPO on the same reward, JPEG compressibility, at equal "
+                 "reward queries (20 iterations of 32 samples)",
         "reward": "jpeg_compressibility",
-        "budget": 50_000,  # PLACEHOLDER
+        "iters": 20,
+        "x": "reward_evals",
         "seeds": [0, 1, 2],
-        "methods": {"D3PO": "d3po.py", "DDPO-IS": "ddpo.py --estimator is"},
-        "placeholder": True,
+        "methods": {"D3PO": "d3po.py --batch-size 16", "DDPO-SF": "ddpo.py --estimator sf"},
     },
     "flagship": {
-        "about": "The flagship: DRTune's defaults on symmetry, 5 seeds, with toyworld/check.py's fidelity",
+        "about": "The flagship: python drtune.py --reward symmetry --K 5, its defaults, 5 seeds, with "
+                 "toyworld/check.py's fidelity",
         "reward": "symmetry",
-        "budget": 38_000,  # PLACEHOLDER: ~ the default 70 iterations
+        "iters": 70,
         "seeds": [0, 1, 2, 3, 4],
-        "methods": {"DRTune": "drtune.py"},
+        "methods": {"DRTune": "drtune.py --K 5"},
         "fidelity": "on",
-        "placeholder": True,
     },
 }
 PRESET_KEYS = {"about", "reward", "model", "methods", "budget", "budget_seconds", "iters", "seeds", "x", "evals",
