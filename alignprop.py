@@ -105,7 +105,7 @@ class Args:
     dtype: str = "auto"
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
     threads: int = 2
-    """CPU threads for torch (0 = torch's default, often slower for small models); 1 per job when sharing a CPU"""
+    """CPU threads for torch (0 = torch's default, often slower); 1 per job on a shared CPU; at most cores / ranks"""
     eval_every: int = 10
     """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16

@@ -888,8 +888,10 @@ def setup_device(device: str, dtype: str, threads: int):
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if device == "cpu" and threads > 0:
         # Measured on 2 cores: with anything else running, torch's default threading made an iteration
-        # of the tiny model 4-80x slower than one thread; alone, two threads gain only ~1.4x.
-        torch.set_num_threads(threads)
+        # of the tiny model 4-80x slower than one thread; alone, two threads gain only ~1.4x. Ranks on one
+        # machine share its cores: 2 ranks x 2 threads on 2 cores ran 10x slower than 2 x 1.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // local_ranks)))
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 

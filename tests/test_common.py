@@ -834,3 +834,21 @@ def test_every_script_runs_an_iteration_on_sdxl(method, tiny_sdxl, tmp_path, mon
     assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in rows[:-1])
     assert json.loads((tmp_path / "run" / "args.json").read_text())["eval_num_steps"] == 3
+
+
+def test_cpu_threads_are_capped_at_the_cores_per_local_rank(monkeypatch):
+    """2 ranks x 2 threads on 2 cores ran 10x slower than 2 x 1: under torchrun each rank takes its share."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        common.setup_device("cpu", "fp32", 2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        common.setup_device("cpu", "fp32", 3)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        common.setup_device("cpu", "fp32", 3)
+        assert torch.get_num_threads() == 3  # a plain process gets what it asks for
+    finally:
+        torch.set_num_threads(before)
