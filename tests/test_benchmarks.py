@@ -189,3 +189,19 @@ def test_gpu_benchmark_small_runs_every_method_on_the_cpu(tmp_path):
 def test_gpu_benchmark_bad_input_is_one_line_exit_2(flags, needle):
     result = run("benchmarks/gpu.py", "--small", *flags, timeout=120)
     assert result.returncode == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gradnorm_reads_fig7_curves_into_a_table_and_plot(tmp_path):
+    """benchmarks/gradnorm.py: per K and stop-gradient, mean +- std over seeds of each run's mean grad norm."""
+    def method(*per_seed):
+        return {"runs": {str(i): {"train": {"grad_norm": g}} for i, g in enumerate(per_seed)}}
+    curves = {"methods": {"DRaFT-1": method([1.0, 3.0], [4.0]), "DRaFT-1-sg": method([1.0], [1.0]),
+                          "DRaFT-5": method([10.0], [20.0]), "DRaFT-5-sg": method([5.0], [5.0]), "other": method([9.0])}}
+    (tmp_path / "curves.json").write_text(json.dumps(curves))
+    result = run("benchmarks/gradnorm.py", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = (tmp_path / "gradnorm.md").read_text().splitlines()[2:]
+    assert rows == ["| 1 | 3 ± 1.4 | 1 ± 0 |", "| 5 | 15 ± 7.1 | 5 ± 0 |"]  # means 2 and 4 -> 3; 10 and 20 -> 15
+    assert (tmp_path / "gradnorm.png").stat().st_size > 0
+    bad = run("benchmarks/gradnorm.py", str(tmp_path / "nowhere"), timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
