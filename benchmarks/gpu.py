@@ -96,13 +96,10 @@ try:
         from benchmarks.gpu import FlopCount
         import common
         counter, stats["flops_at_rows"] = FlopCount(), []
-        for name in ("Run", "RunLog"):  # the running count at every metrics row, where the logger is found
-            logger = getattr(common, name, None)
-            if logger is not None and hasattr(logger, "log"):
-                def log(self, row, _log=logger.log):
-                    _log(self, row)
-                    stats["flops_at_rows"].append(counter.total)
-                logger.log = log
+        def log(self, row, _log=common.Run.log):  # the running count at every metrics row
+            _log(self, row)
+            stats["flops_at_rows"].append(counter.total)
+        common.Run.log = log
         with sdpa_kernel(SDPBackend.MATH), counter:
             runpy.run_path(script, run_name="__main__")
         stats["flops"] = counter.total
