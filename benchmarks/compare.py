@@ -104,16 +104,18 @@ PRESETS = {
     },
     "ddpo-fig3": {
         "about": "DDPO Fig. 3 (JPEG compressibility) on the toy world: the RL family at equal reward queries (20 rounds "
-                 "of 32 samples), each method at its best learning rate of a sweep (README)",
+                 "of 32 samples), each method at its best learning rate and clip range of a one-seed sweep "
+                 "(benchmarks/results/ddpo-sweep)",
         "reward": "jpeg_compressibility",
         "iters": 20,
         "x": "reward_evals",
         "seeds": [0, 1, 2],
         "methods": {
-            "DDPO-IS": "ddpo.py --estimator is",
-            "DDPO-SF": "ddpo.py --estimator sf",
-            "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8",
-            "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8",
+            # the best of benchmarks/results/ddpo-sweep (one seed) per method
+            "DDPO-IS": "ddpo.py --estimator is --lr 1e-3 --clip-range 1e-2 --grad-accum 1",
+            "DDPO-SF": "ddpo.py --estimator sf --lr 1e-2",
+            "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8 --lr 3e-3",
+            "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8 --lr 3e-3",
         },
     },
     "d3po-vs-ddpo": {
