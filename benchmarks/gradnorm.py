@@ -34,7 +34,11 @@ def main():
     (folder / "gradnorm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("error: the plot needs matplotlib: pip install -e \".[plot]\" (gradnorm.md is written)", file=sys.stderr)
+        raise SystemExit(2)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -48,7 +52,7 @@ def main():
     ax.set_ylabel("LoRA gradient norm")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("DRaFT-K gradient norm, first 5 updates")
+    ax.set_title("DRaFT-K gradient norm (run mean over its updates)")
     fig.tight_layout()
     fig.savefig(folder / "gradnorm.png", dpi=120)
 
