@@ -15,7 +15,7 @@ The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5
 of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
     python ddpo.py --estimator is --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
         --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 --grad-accum 8 \
-        --clip-range 1e-4 --lr 1e-5 --lora-rank 4 --iters 200
+        --clip-range 1e-4 --lr 1e-5 --samples-per-prompt 1 --stat-min-count 16 --lora-rank 4 --iters 200
 and DDPO-SF with the same flags but `--estimator sf --grad-accum 32` (one update per round).
 """
 
@@ -62,18 +62,20 @@ class Args:
     """images per sampling batch, and per training micro-batch (equal, so re-scoring repeats sampling)"""
     sample_batches: int = 4
     """sampling batches per round: samples per round = batch_size x sample_batches (paper: 256)"""
-    samples_per_prompt: int = 1
-    """each round draws (samples per round) / this many prompts, each sampled this many times; 1 = iid prompts, as
-    the paper and ddpo-pytorch (their per-prompt statistics then fill up over rounds)"""
+    samples_per_prompt: int = 8
+    """each round draws (samples per round) / this many prompts, each sampled this many times, so that per-prompt
+    statistics hold from the first round; 1 = iid prompts, as the paper and ddpo-pytorch (their statistics then
+    fill up over rounds: on the toy world a far worse DDPO-SF, README "DDPO Fig. 3")"""
     grad_accum: int = 0
     """sampling batches per optimizer update (must divide --sample-batches); 0 = all of them for sf (one update
-    per round, eq. 3), half for is (paper IS: 4 updates per round)"""
+    per round, eq. 3), a quarter for is (4 updates per round, as the paper's IS)"""
     inner_epochs: int = 1
     """passes over each round's samples (is only; paper: 1)"""
     iters: int = 20
     """iterations, each one round: sampling --sample-batches batches, then their updates"""
-    lr: float = 3e-3
-    """AdamW learning rate (paper: 1e-5 on the full UNet; the toy model's small LoRA takes far larger steps)"""
+    lr: float = 0.0
+    """AdamW learning rate; 0 = the toy world's best of each estimator, 1e-2 for sf, 1e-3 for is (README "DDPO
+    Fig. 3"; paper: 1e-5 on the full UNet, where each step moves the policy far less)"""
     weight_decay: float = 1e-4
     """AdamW weight decay (paper: 1e-4)"""
     grad_clip: float = 1.0
@@ -87,8 +89,9 @@ class Args:
     to_q,to_k,to_v,to_out.0 = attention only, as the public implementations"""
     init_lora: str = ""
     """start from this LoRA (a run directory or a diffusers LoRA .safetensors file), with a fresh optimizer"""
-    clip_range: float = 1e-4
-    """PPO clip range on the importance ratio (is only; paper F.1: 1e-4)"""
+    clip_range: float = 1e-2
+    """PPO clip range on the importance ratio (is only; paper F.1: 1e-4, which no toy learning rate that learns
+    keeps: README "DDPO Fig. 3")"""
     adv_clip_max: float = 5.0
     """advantages are clipped to [-adv_clip_max, adv_clip_max] (ddpo-pytorch: 5)"""
     timestep_fraction: float = 1.0
@@ -99,8 +102,9 @@ class Args:
     """normalise rewards per prompt with a running buffer (F.3); off = across the round's batch"""
     stat_buffer: int = 16
     """per-prompt buffer length (ddpo-pytorch: 16)"""
-    stat_min_count: int = 16
-    """below this many buffered rewards a prompt uses the round's batch statistics (ddpo-pytorch: 16)"""
+    stat_min_count: int = 8
+    """below this many buffered rewards a prompt uses the round's batch statistics (ddpo-pytorch: 16); 8 = a
+    prompt's own statistics from its first round at --samples-per-prompt 8"""
     ratio_tol: float = 1e-4
     """stop if any importance ratio before the round's first update differs from 1 by more than this"""
     seed: int = 0
@@ -136,9 +140,10 @@ class Args:
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=False)
     if args.estimator not in ("sf", "is"):
         common.fail(f"--estimator must be sf or is (got {args.estimator})")
+    args.lr = args.lr or {"sf": 1e-2, "is": 1e-3}[args.estimator]  # resolved here, so args.json records it
+    prompts = common.check_common_args(args, differentiable=False)
     if not 0 < args.eta <= 1:
         common.fail(f"--eta must be in (0, 1]: at eta = 0 the DDIM step is deterministic and its log-prob "
                     f"is undefined (got {args.eta})")
@@ -155,7 +160,7 @@ def check_args(args: Args):
     if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
         common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
                     f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
-    grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 2))
+    grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 4))
     if args.estimator == "sf" and (grad_accum != args.sample_batches or args.inner_epochs != 1):
         common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
                     "(= --sample-batches) and --inner-epochs at 1, or use --estimator is")

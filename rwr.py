@@ -73,8 +73,9 @@ class Args:
     """optimizer updates per round, cycling over the round's kept samples (paper: 400)"""
     iters: int = 12
     """iterations, each one round: sampling, then --updates-per-round updates (paper: 6 rounds)"""
-    lr: float = 1e-3
-    """AdamW learning rate (paper: 1e-5 on the full UNet)"""
+    lr: float = 3e-3
+    """AdamW learning rate (paper: 1e-5 on the full UNet; 3e-3 is the toy world's best for both weightings, README
+    "DDPO Fig. 3")"""
     weight_decay: float = 1e-4
     """AdamW weight decay (paper: 1e-4)"""
     grad_clip: float = 1.0

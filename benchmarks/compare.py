@@ -113,10 +113,11 @@ PRESETS = {
         "methods": {
             # the best of benchmarks/results/ddpo-sweep (one seed) per method; DDPO also with RWR's 8 samples per
             # prompt, so that its per-prompt statistics hold from the first round (F.3)
-            "DDPO-IS": "ddpo.py --estimator is --lr 1e-3 --clip-range 1e-2 --grad-accum 1",
+            "DDPO-IS": "ddpo.py --estimator is --lr 1e-3 --clip-range 1e-2 --grad-accum 1 --samples-per-prompt 1 "
+                       "--stat-min-count 16",
             "DDPO-IS-spp8": "ddpo.py --estimator is --lr 1e-3 --clip-range 1e-2 --grad-accum 1 "
                             "--samples-per-prompt 8 --stat-min-count 8",
-            "DDPO-SF": "ddpo.py --estimator sf --lr 1e-2",
+            "DDPO-SF": "ddpo.py --estimator sf --lr 1e-2 --samples-per-prompt 1 --stat-min-count 16",
             "DDPO-SF-spp8": "ddpo.py --estimator sf --lr 1e-2 --samples-per-prompt 8 --stat-min-count 8",
             "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8 --lr 3e-3",
             "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8 --lr 3e-3",

@@ -94,7 +94,7 @@ def test_sd_arch_bad_input_is_one_line_exit_2(tmp_path):
 
 # Rewards that need no CLIP download; sizes at the scripts' minimum that their defaults allow.
 SD15_RUNS = {
-    "ddpo.py": {"--estimator": "is", "--reward": "jpeg_compressibility"},
+    "ddpo.py": {"--estimator": "is", "--reward": "jpeg_compressibility", "--samples-per-prompt": "1"},
     "rwr.py": {"--reward": "jpeg_compressibility", "--batch-size": "2"},  # 1 x 4 batches cannot form groups of 8
     "d3po.py": {"--reward": "jpeg_compressibility"},
     "draft.py": {"--reward": "brightness", "--K": "1", "--lv": "1"},

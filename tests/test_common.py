@@ -323,7 +323,8 @@ METHODS = {  # each script (and variant) with a tiny setting of its own flags
     "draft": ["draft.py", "--num-steps", "3", "--K", "1", "--lv", "1", "--batch-size", "2"],
     "refl": ["refl.py", "--num-steps", "4", "--t1", "1", "--t2", "2", "--batch-size", "2", "--phi", "1", "--lam", "1"],
     "alignprop": ["alignprop.py", "--num-steps", "4", "--batch-size", "2"],
-    "ddpo": ["ddpo.py", "--estimator", "is", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2"],
+    "ddpo": ["ddpo.py", "--estimator", "is", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2",
+             "--samples-per-prompt", "1"],
     "rwr": ["rwr.py", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2", "--samples-per-prompt", "2",
             "--updates-per-round", "2"],
     "d3po": ["d3po.py", "--num-steps", "3", "--batch-size", "2"],
@@ -613,7 +614,7 @@ def test_a_parse_error_from_the_command_line_is_one_line_and_help_is_kept():
 
 DDP_METHODS = {  # a gradient method, DDPO (one update per round, so it is one step on the global batch) and D3PO
     "drtune": ["drtune.py", "--num-steps", "4", "--K", "2", "--early-stop", "1", "--eta", "1"],
-    "ddpo": ["ddpo.py", "--estimator", "sf", "--num-steps", "3", "--sample-batches", "2"],
+    "ddpo": ["ddpo.py", "--estimator", "sf", "--num-steps", "3", "--sample-batches", "2", "--samples-per-prompt", "1"],
     "d3po": ["d3po.py", "--num-steps", "3"],
 }
 DDP_RUN = [*TINY_RUN[:-2], "--iters", "3"]

@@ -14,7 +14,7 @@ from benchmarks import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 200  # DRTune below: ~36 units per iteration (6 iterations); DDPO: 128 (2 iterations)
-METHODS = {"DRTune": "drtune.py --K 2 --early-stop 2", "DDPO": "ddpo.py --estimator is --sample-batches 2"}
+METHODS = {"DRTune": "drtune.py --K 2 --early-stop 2", "DDPO": "ddpo.py --estimator is --sample-batches 2 --samples-per-prompt 1"}
 
 
 def compare_cli(*flags, timeout=300):

@@ -14,7 +14,8 @@ import ddpo
 from gradient_family import expect_bad_input
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--iters", "2", "--num-steps", "3", "--batch-size", "2", "--eval-size", "2", "--eval-every", "0",
+TINY = ["--iters", "2", "--num-steps", "3", "--batch-size", "2", "--samples-per-prompt", "1", "--eval-size", "2",
+        "--eval-every", "0",
         "--eval-num-steps", "3", "--threads", "1"]
 
 

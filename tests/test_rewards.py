@@ -664,7 +664,7 @@ def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tin
     options = _options(name, tiny_models, request)
     flags = ["--model", "embedded-tiny-sd", "--reward", name, "--iters", "1", "--num-steps", "2", "--batch-size", "2",
              "--eval-size", "2", "--eval-num-steps", "2", "--threads", "1", "--run-dir", str(tmp_path / "run")]
-    flags += ["--K", "1", "--early-stop", "1"] if script == "drtune" else ["--sample-batches", "1"]
+    flags += ["--K", "1", "--early-stop", "1"] if script == "drtune" else ["--sample-batches", "1", "--samples-per-prompt", "1"]
     if "clip_model" in options:
         flags += ["--clip-model", options["clip_model"]]
     if "reward_model" in options:
