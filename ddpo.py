@@ -9,8 +9,8 @@ Denoising is a T-step MDP whose policy p_theta(x_{t-1} | x_t, c) is the Gaussian
      --estimator sf: score-function / REINFORCE, one update per round (eq. 3);
      --estimator is: importance sampling with PPO clipping, several updates per round (eq. 4, F.1).
 
-Quick run on the toy world (CPU, a few minutes):
-    python ddpo.py --estimator is
+Quick run on the toy world (CPU, a few minutes; --estimator is learns nothing there, README "DDPO Fig. 3"):
+    python ddpo.py --estimator sf
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5; DDPO-IS: 4 updates
 of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
     python ddpo.py --estimator is --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
