@@ -40,8 +40,8 @@ from benchmarks import sd_arch  # noqa: E402
 
 # name -> (script, its flags). Names of one script share its stem, so --methods ddpo selects both DDPO variants.
 VARIANTS = {
-    "ddpo-sf": ("ddpo.py", ["--estimator", "sf"]),
-    "ddpo-is": ("ddpo.py", ["--estimator", "is"]),
+    "ddpo-sf": ("ddpo.py", ["--estimator", "sf", "--samples-per-prompt", "1"]),  # any batch; speed is the same
+    "ddpo-is": ("ddpo.py", ["--estimator", "is", "--samples-per-prompt", "1"]),
     "rwr-softmax": ("rwr.py", ["--weighting", "softmax"]),
     "rwr-sparse": ("rwr.py", ["--weighting", "sparse"]),
     "draft-full": ("draft.py", ["--K", "-1"]),

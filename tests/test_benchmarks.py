@@ -181,6 +181,7 @@ def test_gpu_benchmark_small_runs_every_method_on_the_cpu(tmp_path):
         assert abs(row["flop_check_rel_error"]) < 0.01, row
         assert f"| {row['method']} |" in table
     assert report["table"][2]["train_batch_first"] == 2  # RWR refuses a batch of 1: the harness moved on
+    assert report["table"][0]["train_batch_first"] == 1  # DDPO, at one sample per prompt, takes a batch of 1
     assert report["device"]["name"] == "cpu" and report["device"]["torch"] == torch.__version__
     assert not list((tmp_path / "work").iterdir())  # the model and the runs are cleaned up
 
