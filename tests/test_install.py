@@ -1,0 +1,43 @@
+"""One install path: CI (.ci/run) runs the README's "Install, run, test" lines word for word, in the same order, and
+the test extra holds every optional package the tests import, so a newcomer's install is the one CI tests."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    """The install and test command lines of the README's "Install, run, test" section (indented code lines that
+    start with pip or python -m), without trailing comments."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Install, run, test\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "README has no '## Install, run, test' section"
+    lines = [line[4:].split("  #")[0].strip() for line in section[1].splitlines() if line.startswith("    ")]
+    return [line for line in lines if line.startswith(("pip ", "python -m pip ", "python -m pytest"))]
+
+
+def ci_commands() -> list[str]:
+    """The pip and pytest lines .ci/run executes (comments and the system-package block left out)."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    return [line for line in lines if line.startswith(("pip ", "python -m pip ", "python -m pytest"))]
+
+
+def test_ci_runs_the_readme_install_and_test_lines_verbatim_and_in_order():
+    readme = readme_commands()
+    assert any(line.startswith("pip install torch") for line in readme), readme  # torch first, then the project
+    assert any("pytest" in line for line in readme), readme
+    assert ci_commands() == readme
+
+
+def test_the_test_extra_brings_every_optional_package_the_tests_import():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test_extra = {re.split(r"[<>=\[ ;]", req)[0].lower() for req in extras["test"]}
+    sources = "\n".join(path.read_text() for path in (ROOT / "tests").glob("*.py"))
+    sources += "\n".join(path.read_text() for path in (ROOT / "benchmarks").glob("*.py"))
+    # optional package -> the import name the tests and benchmarks use
+    optional = {"open_clip_torch": "open_clip", "matplotlib": "matplotlib"}
+    for package, module in optional.items():
+        if re.search(rf"^\s*import {module}\b", sources, re.M):
+            assert package in test_extra, f"the tests import {module}: put {package} in the test extra"
