@@ -49,9 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL, TOY_MODEL_DIR = "toy", ROOT / "toyworld" / "sd"  # as in common.py (not imported: it loads torch)
 SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.py", "rwr.py")
 
-# Named comparisons. Keys: about, reward, methods (name -> "script flags"), budget (compute units) and/or
-# budget_seconds, iters, seeds, x (plot axis and common point), evals, eval_size, common_flags (given to every
-# method), fidelity, placeholder. Flags on the command line override a preset's values.
+# Named comparisons. Keys: about, reward ("default": each script's own), methods (name -> "script flags"), budget
+# (compute units) and/or budget_seconds, iters ("default": each script's own iterations and eval cadence, i.e.
+# its default run), seeds, threads, x (plot axis and common point), evals, eval_size, common_flags (given to every
+# method), fidelity, holds (HOLDS below), placeholder. Flags on the command line override a preset's values.
 # DRTune compared every method with one set of hyperparameters (sec. 4.1: T 50, CFG 7.5, batch 32, lr 2e-5, clip
 # 0.1, LoRA 128); the toy world's equivalent is DRTune's toy defaults, given to every gradient method. Scale:
 # DRTune's toy defaults (T 20, K 5, batch 8) cost ~540 units per iteration, its 70 iterations ~38k.
@@ -133,17 +134,37 @@ PRESETS = {
         "methods": {"D3PO": "d3po.py --batch-size 16", "DDPO-SF": "ddpo.py --estimator sf"},
     },
     "flagship": {
-        "about": "The flagship: python drtune.py --reward symmetry --K 5, its defaults, 5 seeds, with "
-                 "toyworld/check.py's fidelity",
+        "about": "The flagship: python drtune.py --reward symmetry --K 5, its defaults, 5 seeds x 2 float paths "
+                 "(--threads 1 and 2), with toyworld/check.py's fidelity; it holds when it halves the held-out "
+                 "asymmetry with colour and background >= 95 % and shape >= 80 %",
         "reward": "symmetry",
-        "iters": 70,
+        "iters": "default",
         "seeds": [0, 1, 2, 3, 4],
+        "threads": [1, 2],
         "methods": {"DRTune": "drtune.py --K 5"},
         "fidelity": "on",
+        "holds": "halve-asymmetry",
+    },
+    "defaults": {
+        "about": "Every script's default run (no flags: each its own reward, iterations and evaluation cadence), 3 "
+                 "seeds x 2 float paths (--threads 1 and 2); a run holds when its eval reward gains with the prompt "
+                 "kept (toyworld/check.py: colour and background >= 90 %, shape >= 75 %)",
+        "reward": "default",
+        "iters": "default",
+        "seeds": [0, 1, 2],
+        "threads": [1, 2],
+        "methods": {name: f"{name.lower()}.py" for name in
+                    ("DRTune", "DRaFT", "ReFL", "AlignProp", "DDPO", "RWR", "D3PO")},
+        "fidelity": "on",
+        "holds": "gain",
     },
 }
-PRESET_KEYS = {"about", "reward", "model", "methods", "budget", "budget_seconds", "iters", "seeds", "x", "evals",
-               "eval_size", "common_flags", "fidelity", "placeholder"}
+# What makes a run hold (--holds): "gain": its eval reward rises with the prompt kept; "halve-asymmetry": the
+# flagship's bar, half the pretrained model's held-out asymmetry with the prompt kept more strictly.
+HOLDS = {"gain": {"colour": 0.90, "background": 0.90, "shape": 0.75},
+         "halve-asymmetry": {"colour": 0.95, "background": 0.95, "shape": 0.80}}
+PRESET_KEYS = {"about", "reward", "model", "methods", "budget", "budget_seconds", "iters", "seeds", "threads", "x",
+               "evals", "eval_size", "common_flags", "fidelity", "holds", "placeholder"}
 
 # Flags compare.py sets for every run (refused in method and common flags), and flags that must be the same for
 # every method, so that all runs optimise and are evaluated on one reward, prompts and eval protocol (allowed in
@@ -188,7 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", action="append", metavar='"NAME=SCRIPT FLAGS"',
                    help='a method, e.g. "DRaFT-LV=draft.py --K 1 --lv 2" (repeat it); replaces a preset\'s methods')
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these of the methods (e.g. of a preset)")
-    p.add_argument("--reward", help="the reward every method optimises and is evaluated on")
+    p.add_argument("--reward", help="the reward every method optimises and is evaluated on; default = each "
+                   "script's own default reward (the table then compares gains)")
     p.add_argument("--model", help="every run's --model (default toy, the toy world)")
     p.add_argument("--budget", type=float, help="compute units per run: it stops after the iteration in which its "
                    "compute reaches this (UNet image-step forwards + 2 x backwards)")
@@ -208,8 +230,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="toyworld/check.py on each final LoRA; auto = on for the toy model (default auto)")
     p.add_argument("--fidelity-n", type=int, default=96, help="check.py's --n samples (default 96)")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="--threads of every run (default 1: one per job on a shared CPU)")
+    p.add_argument("--threads", type=int, nargs="+",
+                   help="--threads of every run (default 1: one per job on a shared CPU); several (1 2) run every "
+                   "seed once per thread count: each sums in another order, another floating-point path")
+    p.add_argument("--holds", choices=list(HOLDS),
+                   help="judge every run: gain (eval reward rises, prompt kept) or halve-asymmetry (the flagship's bar)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
                    help="where <name>/ is written (default benchmarks/results)")
     p.add_argument("--progress-every", type=float, default=30.0,
@@ -224,7 +249,7 @@ class Method:
     script: str
     flags: list  # the method's own flags followed by the common flags
     spec: str  # "script flags" as given
-    eval_every: int = 0  # set from --eval-every, --iters or the probe
+    eval_every: int | None = 0  # set from --eval-every, --iters or the probe; None: the script's default
 
 
 def check_flags(tokens: list, where: str, refused: set):
@@ -268,7 +293,8 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
     s = argparse.Namespace(**vars(ns))
     for key, default in (("reward", None), ("model", TOY_MODEL), ("budget", 0.0), ("budget_seconds", 0.0),
                          ("iters", None), ("seeds", [0]), ("common_flags", ""), ("x", "compute"), ("evals", 8),
-                         ("eval_size", 16), ("fidelity", "auto")):
+                         ("eval_size", 16), ("fidelity", "auto"),
+                         ("threads", [1]), ("holds", None)):
         if getattr(ns, key) is None:
             setattr(s, key, preset.get(key, default))
     s.about, s.placeholder = preset.get("about", ""), bool(preset.get("placeholder"))
@@ -283,14 +309,25 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
         value = getattr(s, key)
         if not math.isfinite(value) or value < 0:
             fail(f"--{key.replace('_', '-')} must be a non-negative number (got {value})")
-    if s.iters is not None and s.iters < 1:
-        fail(f"--iters must be at least 1 (got {s.iters})")
-    if not (s.budget or s.budget_seconds or s.iters):
-        fail("give --budget (compute units), --budget-seconds or --iters: what makes the runs equal")
-    s.iters = s.iters or DEFAULT_CAP
+    # iters "default" (a preset's): every run is the script's default run, its own length and eval cadence
+    s.default_length = s.iters == "default" and not (s.budget or s.budget_seconds)
+    if s.default_length:
+        s.iters = None
+    else:
+        if s.iters == "default":
+            s.iters = None
+        if s.iters is not None and s.iters < 1:
+            fail(f"--iters must be at least 1 (got {s.iters})")
+        if not (s.budget or s.budget_seconds or s.iters):
+            fail("give --budget (compute units), --budget-seconds or --iters: what makes the runs equal")
+        s.iters = s.iters or DEFAULT_CAP
     if len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
         fail(f"--seeds must be distinct non-negative integers (got {' '.join(map(str, s.seeds))})")
-    for key, low in (("evals", 1), ("eval_every", 0), ("eval_size", 2), ("jobs", 1), ("threads", 0), ("fidelity_n", 1)):
+    if len(set(s.threads)) != len(s.threads) or min(s.threads) < 0:
+        fail(f"--threads must be distinct non-negative integers (got {' '.join(map(str, s.threads))})")
+    # Every run: a seed on a floating-point path (its thread count), seed by seed.
+    s.runs = [(seed, threads) for seed in s.seeds for threads in s.threads]
+    for key, low in (("evals", 1), ("eval_every", 0), ("eval_size", 2), ("jobs", 1), ("fidelity_n", 1)):
         if getattr(s, key) < low:
             fail(f"--{key.replace('_', '-')} must be at least {low} (got {getattr(s, key)})")
     if not s.progress_every > 0:
@@ -299,9 +336,13 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
         fail(f"--x {s.x}: choose one of {', '.join(X_AXES)}")
     if s.fidelity not in ("auto", "on", "off"):
         fail(f"fidelity {s.fidelity}: choose auto, on or off")
+    if s.holds is not None and s.holds not in HOLDS:
+        fail(f"holds {s.holds}: choose one of {', '.join(HOLDS)}")
     if s.fidelity == "on" and not is_toy(s.model):
         fail(f"--fidelity on: toyworld/check.py measures the toy world's pictures only (--model {s.model})")
     s.fidelity = s.fidelity == "on" or (s.fidelity == "auto" and is_toy(s.model))
+    if s.holds and not s.fidelity:
+        fail(f"--holds {s.holds}: a run is judged by toyworld/check.py's fidelity, which needs the toy model")
     try:
         common = shlex.split(s.common_flags)
     except ValueError as e:
@@ -327,7 +368,8 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
         specs = [(n, spec) for n, spec in specs if n in ns.only]
     s.methods = [parse_method(n, spec, common) for n, spec in specs]
     for m in s.methods:
-        m.eval_every = s.eval_every or (0 if s.budget or s.budget_seconds else max(1, round(s.iters / s.evals)))
+        m.eval_every = None if s.default_length else \
+            s.eval_every or (0 if s.budget or s.budget_seconds else max(1, round(s.iters / s.evals)))
     s.out = Path(s.results).expanduser().resolve() / s.name
     return s
 
@@ -477,13 +519,16 @@ def number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def run_command(s, m: Method, seed: int, run_dir: Path, probe: bool = False) -> list:
+def run_command(s, m: Method, seed: int, threads: int, run_dir: Path, probe: bool = False) -> list:
     """A run's command line: the method's flags, then what compare.py sets (so a method cannot override it)."""
-    cmd = [str(ROOT / m.script), *m.flags, "--model", s.model, "--reward", s.reward, "--seed", str(seed),
-           "--run-dir", str(run_dir), "--threads", str(s.threads), "--progress-every", str(s.progress_every)]
+    reward = [] if s.reward == "default" else ["--reward", s.reward]  # default: the script's own
+    cmd = [str(ROOT / m.script), *m.flags, "--model", s.model, *reward, "--seed", str(seed),
+           "--run-dir", str(run_dir), "--threads", str(threads), "--progress-every", str(s.progress_every)]
     if probe:  # a short look at the method's cost per iteration: no budget, tiny evaluations
         return cmd + ["--iters", str(PROBE_ITERS), "--eval-every", "0", "--eval-size", "2"]
-    cmd += ["--iters", str(s.iters), "--eval-every", str(m.eval_every), "--eval-size", str(s.eval_size)]
+    if not s.default_length:
+        cmd += ["--iters", str(s.iters), "--eval-every", str(m.eval_every)]
+    cmd += ["--eval-size", str(s.eval_size)]
     for key in ("budget", "budget_seconds"):
         if getattr(s, key):
             cmd += [f"--{key.replace('_', '-')}", number(getattr(s, key))]
@@ -522,8 +567,9 @@ def prepare(run_dir: Path, cmd: list, iters: int, threads: int, progress_every: 
         return None
     if (run_dir / "checkpoint.pt").is_file() and (run_dir / "args.json").is_file():
         # Only the flags a resume may change (common.RESUME_MAY_CHANGE); the rest comes from its args.json.
-        resume = [cmd[0], "--resume", str(run_dir), "--iters", str(iters), "--threads", str(threads),
-                  "--progress-every", str(progress_every), "--eval-every", str(eval_every)]
+        resume = [cmd[0], "--resume", str(run_dir), "--threads", str(threads), "--progress-every", str(progress_every)]
+        if iters is not None:  # else the run's own (args.json)
+            resume += ["--iters", str(iters), "--eval-every", str(eval_every)]
         if budget:
             resume += ["--budget", number(budget)]
         if budget_seconds:
@@ -611,8 +657,24 @@ def stop(running: list):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dir_of(s, m: Method, seed: int) -> Path:
-    return s.out / "runs" / f"{m.name}__seed{seed}"
+def run_key(s, seed: int, threads: int) -> str:
+    """A run's name in curves.json: its seed, and its thread count when the comparison has several."""
+    return str(seed) if len(s.threads) == 1 else f"{seed}-t{threads}"
+
+
+def run_dir_of(s, m: Method, seed: int, threads: int) -> Path:
+    return s.out / "runs" / (f"{m.name}__seed{seed}" + (f"__t{threads}" if len(s.threads) > 1 else ""))
+
+
+def holds(s, run: dict, pretrained_fidelity: dict | None) -> bool | None:
+    """Whether a run meets the comparison's bar (--holds): None when it has none or the fidelity is missing."""
+    fid = run["fidelity"]
+    if not s.holds or fid is None or (s.holds == "halve-asymmetry" and pretrained_fidelity is None):
+        return None
+    kept = all(fid[k] >= low for k, low in HOLDS[s.holds].items())
+    if s.holds == "gain":
+        return kept and run["final"]["eval_reward_mean"] > run["eval"]["eval_reward_mean"][0]
+    return kept and fid["asymmetry"] <= 0.5 * pretrained_fidelity["asymmetry"]
 
 
 def read_fidelity(path: Path, n: int):
@@ -628,17 +690,17 @@ def collect(s) -> dict:
               "settings": {"reward": s.reward, "model": s.model, "budget": s.budget, "budget_seconds": s.budget_seconds,
                            "iters": s.iters, "seeds": s.seeds, "x": s.x, "evals": s.evals, "eval_size": s.eval_size,
                            "common_flags": s.common_flags, "fidelity": s.fidelity, "fidelity_n": s.fidelity_n,
-                           "jobs": s.jobs, "threads": s.threads},
+                           "jobs": s.jobs, "threads": s.threads, "holds": s.holds},
               "methods": {}}
     for m in s.methods:
         runs = {}
-        for seed in s.seeds:
-            run_dir = run_dir_of(s, m, seed)
+        for seed, threads in s.runs:
+            run_dir = run_dir_of(s, m, seed, threads)
             rows = read_rows(run_dir)
             if not finished(rows):
                 continue
             fidelity = read_fidelity(run_dir / "fidelity.json", s.fidelity_n) if s.fidelity else None
-            runs[str(seed)] = {"run_dir": os.path.relpath(run_dir, s.out), "eval": eval_curve(rows),
+            runs[run_key(s, seed, threads)] = {"seed": seed, "threads": threads, "run_dir": os.path.relpath(run_dir, s.out), "eval": eval_curve(rows),
                                "train": train_curve(rows), "final": final_info(rows, s.budget), "fidelity": fidelity}
         curves["methods"][m.name] = {"command": m.spec, "script": m.script, "flags": m.flags,
                                      "eval_every": m.eval_every, "runs": runs}
@@ -647,11 +709,15 @@ def collect(s) -> dict:
     # own final x, at or past the budget); no run is extrapolated.
     common = min(finals) if finals else None
     curves["common_point"] = {"x": s.x, "value": common}
+    pretrained_fidelity = read_fidelity(s.out / "runs" / "pretrained__fidelity.json", s.fidelity_n) \
+        if s.fidelity else None
     zero = []
     for method in curves["methods"].values():
         for run in method["runs"].values():
             run["at_common_point"] = interpolate(run["eval"][s.x], run["eval"]["eval_reward_mean"], common)
             zero.append(run["eval"]["eval_reward_mean"][0])
+            run["gain"] = run["final"]["eval_reward_mean"] - run["eval"]["eval_reward_mean"][0]
+            run["holds"] = holds(s, run, pretrained_fidelity)
         values = list(method["runs"].values())
         method["summary"] = {
             "n": len(values),
@@ -663,11 +729,21 @@ def collect(s) -> dict:
                          if s.fidelity else None),
             # gradient scripts: the LoRA gradient norm before clipping, averaged over the run (DRTune Fig. 7)
             "grad_norm": mean_std([float(np.mean(r["train"]["grad_norm"])) if "grad_norm" in r["train"] else None
-                                   for r in values])[:2]}
+                                   for r in values])[:2],
+            "pretrained_eval_reward": values[0]["eval"]["eval_reward_mean"][0] if values else None,
+            "gain": mean_std([r["gain"] for r in values])[:2],
+            "worst_gain": min((r["gain"] for r in values), default=None),
+            "fidelity_worst": ({k: min(((r["fidelity"] or {}).get(k) for r in values if r["fidelity"]), default=None)
+                                for k in ("colour", "shape", "background")} |
+                               {"asymmetry": max((r["fidelity"]["asymmetry"] for r in values if r["fidelity"]),
+                                                 default=None)} if s.fidelity else None),
+            "wall_time_s": mean_std([r["final"]["wall_time_s"] for r in values])[:2],
+            "wall_time_s_max": max((r["final"]["wall_time_s"] for r in values), default=None),
+            "holds": [sum(r["holds"] is True for r in values), sum(r["holds"] is not None for r in values)]
+            if s.holds else None}
     # Iteration 0 evaluates the pretrained model: the same prompts and noise in every run, hence one value.
     curves["pretrained"] = {"eval_reward": mean_std(zero)[:2], "n": len(zero),
-                            "fidelity": read_fidelity(s.out / "runs" / "pretrained__fidelity.json", s.fidelity_n)
-                            if s.fidelity else None}
+                            "fidelity": pretrained_fidelity}
     return curves
 
 
@@ -696,12 +772,19 @@ def write_table(s, curves: dict, path: Path):
     if s.placeholder:
         lines += [f"**Placeholder settings**: preset `{s.preset}`'s budget and flags are not tuned yet.", ""]
     limit = ", ".join(x for x in (s.budget and f"{s.budget:,.0f} compute units", s.budget_seconds and
-                                  f"{s.budget_seconds:g} s", s.iters != DEFAULT_CAP and f"{s.iters} iterations") if x)
-    lines += [f"Reward `{s.reward}`, model `{s.model}`, {limit} per run, seeds {' '.join(map(str, s.seeds))}"
+                                  f"{s.budget_seconds:g} s", s.iters not in (DEFAULT_CAP, None) and
+                                  f"{s.iters} iterations") if x)
+    reward = "each script's own default reward" if s.reward == "default" else f"Reward `{s.reward}`"
+    limit = limit or "each script's default iterations"
+    lines += [f"{reward}, model `{s.model}`, {limit} per run, seeds {' '.join(map(str, s.seeds))}"
+              + (f", threads {' and '.join(map(str, s.threads))} (each seed on each float path)"
+                 if len(s.threads) > 1 else "")
               + (f", common flags `{s.common_flags}`" if s.common_flags else "") + ".", ""]
+    if s.holds:
+        lines += holds_table(s, curves)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append("| " + " | ".join(["pretrained (iteration 0)", str(pre["n"]), fmt(*pre["eval_reward"]),
-                                    fmt(*pre["eval_reward"])] + [fmt(pre_fid.get(k)) for k in FIDELITY if s.fidelity]
+    pre_reward = ["per script"] * 2 if s.reward == "default" else [fmt(*pre["eval_reward"])] * 2
+    lines.append("| " + " | ".join(["pretrained (iteration 0)", str(pre["n"]), *pre_reward] + [fmt(pre_fid.get(k)) for k in FIDELITY if s.fidelity]
                                    + ["–"] * grad + ["0", "0", "0", "0"]) + " |")
     for name, method in curves["methods"].items():
         m = method["summary"]
@@ -725,13 +808,49 @@ def write_table(s, curves: dict, path: Path):
                   "prompted one)."]
     lines += ["", "compute: UNet image-step forwards + 2 × backwards (CFG counts both halves, checkpoint "
               "recomputation counts; evaluation is not counted). seconds: training time up to the last update, the "
-              f"evaluations left out (--jobs {s.jobs}, --threads {s.threads}). grad norm: the LoRA gradient's norm before "
+              f"evaluations left out (--jobs {s.jobs}, --threads {' '.join(map(str, s.threads))}). grad norm: the LoRA gradient's norm before "
               "clipping, averaged over the run's updates. samples: training images generated. reward evals: images "
               "scored in training.", "",
               "| method | command | eval every (iterations) |", "|---|---|---|"]
-    lines += [f"| {name} | `{method['command']}` | {method['eval_every']} |"
+    lines += [f"| {name} | `{method['command']}` | {method['eval_every'] or 'the script default'} |"
               for name, method in curves["methods"].items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def holds_table(s, curves: dict) -> list:
+    """The verdict first: per method how many runs hold (--holds), the gain and the worst run, the prompt fidelity
+    (mean, and the worst run's), the wall time; then every run on its own line."""
+    bar = HOLDS[s.holds]
+    pre = curves["pretrained"]["fidelity"] or {}
+    what = ("eval reward rises, " if s.holds == "gain" else
+            f"held-out asymmetry <= {0.5 * pre.get('asymmetry', float('nan')):.3f} (half the pretrained "
+            f"{pre.get('asymmetry', float('nan')):.3f}), ")
+    lines = [f"**Holds** when: {what}" + ", ".join(f"{k} >= {v:.0%}" for k, v in bar.items()) +
+             " (toyworld/check.py on the final LoRA).", "",
+             "| script | holds | pretrained eval reward | gain (mean ± std) | worst gain | asymmetry (worst) | colour "
+             "(worst) | shape (worst) | background (worst) | wall time s (max) |", "|" + "---|" * 10]
+    for name, method in curves["methods"].items():
+        m = method["summary"]
+        if not m["n"]:
+            continue
+        fid, worst = m["fidelity"], m["fidelity_worst"]
+        lines.append("| " + " | ".join([
+            name, f"**{m['holds'][0]}/{m['holds'][1]}**", fmt(m["pretrained_eval_reward"]), fmt(*m["gain"], digits=3),
+            fmt(m["worst_gain"], digits=3), f"{fmt(fid['asymmetry'][0], digits=3)} ({fmt(worst['asymmetry'], digits=3)})",
+            *[f"{fmt(fid[k][0], digits=2)} ({fmt(worst[k], digits=2)})" for k in ("colour", "shape", "background")],
+            f"{m['wall_time_s'][0]:.0f} ({m['wall_time_s_max']:.0f})"]) + " |")
+    lines += ["", "<details><summary>every run</summary>", "",
+              "| script | seed | threads | eval reward | gain | asymmetry | colour | shape | background | wall time s "
+              "| holds |", "|" + "---|" * 11]
+    for name, method in curves["methods"].items():
+        for run in method["runs"].values():
+            fid = run["fidelity"] or {}
+            lines.append("| " + " | ".join([
+                name, str(run["seed"]), str(run["threads"]),
+                f"{run['eval']['eval_reward_mean'][0]:.4g} → {run['final']['eval_reward_mean']:.4g}",
+                f"{run['gain']:+.3g}", *[fmt(fid.get(k), digits=3) for k in ("asymmetry", "colour", "shape", "background")],
+                f"{run['final']['wall_time_s']:.0f}", {True: "yes", False: "**no**", None: "–"}[run["holds"]]]) + " |")
+    return lines + ["", "</details>", ""]
 
 
 def write_plot(s, curves: dict, path: Path) -> bool:
@@ -751,7 +870,10 @@ def write_plot(s, curves: dict, path: Path) -> bool:
         # Seeds are evaluated at different x: each on one grid up to the shortest run's end, then mean ± std.
         end = min(r["eval"][s.x][-1] for r in runs)
         grid = np.linspace(0, end, 200)
-        ys = np.array([np.interp(grid, r["eval"][s.x], r["eval"]["eval_reward_mean"]) for r in runs])
+        # each script's own reward (--reward default): its gain over its pretrained value, comparable in sign only
+        ys = np.array([np.interp(grid, r["eval"][s.x], np.subtract(r["eval"]["eval_reward_mean"],
+                                                                    r["eval"]["eval_reward_mean"][0] if
+                                                                    s.reward == "default" else 0)) for r in runs])
         line, = ax.plot(grid, ys.mean(0), label=f"{name} (n={len(runs)})")
         if len(runs) > 1:
             std = ys.std(0, ddof=1)
@@ -761,7 +883,7 @@ def write_plot(s, curves: dict, path: Path) -> bool:
     if curves["common_point"]["value"] is not None:
         ax.axvline(curves["common_point"]["value"], color="grey", ls="--", lw=1, label="common point")
     ax.set_xlabel(X_AXES[s.x])
-    ax.set_ylabel(f"eval reward ({s.reward})")
+    ax.set_ylabel("eval reward gain (each script's reward)" if s.reward == "default" else f"eval reward ({s.reward})")
     ax.set_title(f"{s.name}: mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -791,7 +913,7 @@ def labelled(row: Image.Image, label: str, label_width: int, scale: int) -> Imag
 def write_strips(s, curves: dict) -> list:
     """strips/<method>.png: the first row of the final eval grid of the method's first seed; strips.png: all of
     them under the pretrained model's row (iteration 0), every row on the same eval prompts and noise."""
-    seed = str(s.seeds[0])
+    seed = run_key(s, *s.runs[0])
     rows = []
     for name, method in curves["methods"].items():
         run = method["runs"].get(seed)
@@ -829,12 +951,14 @@ def print_presets():
     for name, p in PRESETS.items():
         print(f"{name}{'  (placeholder settings)' if p.get('placeholder') else ''}: {p['about']}")
         print(f"    reward {p['reward']}, budget {p.get('budget', 0):,.0f}, seeds {p.get('seeds', [0])}, "
+              f"threads {p.get('threads', [1])}, "
               f"x {p.get('x', 'compute')}; " + "; ".join(f"{k}={v}" for k, v in p["methods"].items()))
 
 
 def fidelity_task(s, lora: Path | None, result: Path, label: str) -> Task:
-    cmd = [str(ROOT / "toyworld" / "check.py"), "--model", s.model, "--n", str(s.fidelity_n), "--threads",
-           str(s.threads)] + (["--lora", str(lora)] if lora else [])
+    # One float path for every check (1 thread), so that runs differ only by their own training.
+    cmd = [str(ROOT / "toyworld" / "check.py"), "--model", s.model, "--n", str(s.fidelity_n), "--threads", "1"] + \
+        (["--lora", str(lora)] if lora else [])
     out = result.with_suffix(".out")
 
     def then(rc):
@@ -865,13 +989,14 @@ def main(argv=None):
 
     # Every existing run directory must hold the run asked for, checked before any work.
     for m in s.methods:
-        for seed in s.seeds:
-            check_identity(run_dir_of(s, m, seed), run_command(s, m, seed, run_dir_of(s, m, seed)))
+        for seed, threads in s.runs:
+            run_dir = run_dir_of(s, m, seed, threads)
+            check_identity(run_dir, run_command(s, m, seed, threads, run_dir))
     if ns.dry_run:
         for m in s.methods:
-            for seed in s.seeds:
-                cmd = run_command(s, m, seed, run_dir_of(s, m, seed))
-                if not m.eval_every:
+            for seed, threads in s.runs:
+                cmd = run_command(s, m, seed, threads, run_dir_of(s, m, seed, threads))
+                if m.eval_every == 0:
                     cmd[cmd.index("--eval-every") + 1] = "<from a probe run>"
                 print("python " + shlex.join(cmd))
         return
@@ -880,7 +1005,7 @@ def main(argv=None):
     runs_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, on_sigterm)
     s.failed, s.fidelity_done = [], 0
-    n_runs = len(s.methods) * len(s.seeds)
+    n_runs = len(s.methods) * len(s.runs)
     tty = sys.stderr.isatty()
     bar = tqdm(total=n_runs, desc=f"compare {s.name}", unit="run", disable=not tty, dynamic_ncols=True,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]{postfix}")
@@ -893,7 +1018,7 @@ def main(argv=None):
         row = last_row(task.run_dir)
         if row is None:
             return 0.0
-        parts = [(row["iter"] + 1) / s.iters]
+        parts = [(row["iter"] + 1) / (s.iters or 100)]  # a script's default length: about 20-140 iterations
         if s.budget:
             parts.append(row["compute"] / s.budget)
         if s.budget_seconds:
@@ -922,7 +1047,7 @@ def main(argv=None):
     # 1. The eval cadence: a 2-iteration probe of each method (its compute per iteration), kept for reruns.
     probes = []
     for m in s.methods:
-        if m.eval_every:
+        if m.eval_every or s.default_length:
             continue
         probe_dir = runs_dir / f"{m.name}__probe"
 
@@ -937,11 +1062,11 @@ def main(argv=None):
             per_it = seconds(its[-1]) - seconds(its[-2])
             say(f"{m.name}: {its[-1]['compute'] / len(its):,.0f} compute units and {per_it:.2g} s per iteration "
                 f"(probe) -> eval every {m.eval_every} iterations")
-        cmd = run_command(s, m, 0, probe_dir, True)  # seed 0 whatever --seeds: a probe measures cost only
+        cmd = run_command(s, m, 0, s.threads[0], probe_dir, True)  # seed 0 whatever --seeds: it measures cost only
         if (probe_dir / "compare.json").is_file() and \
                 json.loads((probe_dir / "compare.json").read_text())["identity"] != identity(cmd):
             shutil.rmtree(probe_dir)  # a probe of other flags: a cache, measured again
-        cmd = prepare(probe_dir, cmd, PROBE_ITERS, s.threads, s.progress_every, 0, 0, 0)
+        cmd = prepare(probe_dir, cmd, PROBE_ITERS, s.threads[0], s.progress_every, 0, 0, 0)
         if cmd is None:
             probe_done(0)
         else:
@@ -955,10 +1080,10 @@ def main(argv=None):
         tasks.append(fidelity_task(s, None, runs_dir / "pretrained__fidelity.json", "pretrained fidelity"))
     elif s.fidelity:
         s.fidelity_done += 1
-    for seed in s.seeds:
+    for seed, threads in s.runs:
         for m in s.methods:
-            run_dir = run_dir_of(s, m, seed)
-            label = f"{m.name} seed {seed}"
+            run_dir = run_dir_of(s, m, seed, threads)
+            label = f"{m.name} seed {seed}" + (f" threads {threads}" if len(s.threads) > 1 else "")
             fid = run_dir / "fidelity.json"
 
             def run_done(rc, m=m, run_dir=run_dir, label=label, fid=fid):
@@ -973,8 +1098,8 @@ def main(argv=None):
                 say(f"{label}: eval reward {rows[0]['eval_reward_mean']:.4g} -> {info['eval_reward_mean']:.4g}, "
                     f"compute {info['compute']:,} in {info['seconds']:.0f} s ({info['iter']} iterations)")
                 return [fidelity_task(s, run_dir, fid, f"{label} fidelity")] if s.fidelity else []
-            cmd = prepare(run_dir, run_command(s, m, seed, run_dir), s.iters, s.threads, s.progress_every, m.eval_every,
-                          s.budget, s.budget_seconds)
+            cmd = prepare(run_dir, run_command(s, m, seed, threads, run_dir), s.iters, threads, s.progress_every,
+                          m.eval_every, s.budget, s.budget_seconds)
             if cmd is None:
                 skipped += 1
                 done[run_dir] = read_rows(run_dir)[-1]["compute"]

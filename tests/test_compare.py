@@ -143,7 +143,8 @@ def test_bad_input_is_one_line_exit_2(flags, needle, tmp_path):
 @pytest.mark.parametrize("preset", list(compare.PRESETS))
 def test_presets_settle(preset):
     s = compare.settle(compare.parse_args(["--preset", preset]))
-    assert s.methods and (s.budget > 0 or s.iters < compare.DEFAULT_CAP) and s.name == preset and s.reward
+    assert s.methods and (s.budget > 0 or s.default_length or s.iters < compare.DEFAULT_CAP) and s.name == preset
+    assert s.reward and s.runs == [(seed, threads) for seed in s.seeds for threads in s.threads]
 
 
 def test_eval_points_count_the_work_done_before_them_and_interpolate_by_hand():
@@ -187,3 +188,28 @@ def test_a_killed_run_is_resumed_and_a_run_without_checkpoint_restarted(tmp_path
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 1, "final": True}) + "\n")
     assert compare.prepare(run, cmd, 100, 1, 30.0, 3, 200, 0) is None
+
+
+def test_a_run_holds_only_with_its_gain_or_halved_asymmetry_and_the_prompt_kept():
+    s = compare.settle(compare.parse_args(["--preset", "defaults"]))
+    assert s.reward == "default" and s.default_length and s.threads == [1, 2] and len(s.runs) == 6
+    cmd = compare.run_command(s, s.methods[0], 2, 1, Path("/r"))
+    assert "--reward" not in cmd and "--iters" not in cmd and "--eval-every" not in cmd  # the script's default run
+    assert cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--seed") + 1] == "2"
+    assert compare.run_dir_of(s, s.methods[0], 2, 1).name == "DRTune__seed2__t1"
+    kept = {"asymmetry": 0.2, "colour": 0.95, "shape": 0.8, "background": 0.95}
+
+    def run(before, after, **fidelity):
+        return {"eval": {"eval_reward_mean": [before, after]}, "final": {"eval_reward_mean": after},
+                "fidelity": kept | fidelity}
+    assert compare.holds(s, run(0.5, 0.6), None) is True
+    assert compare.holds(s, run(0.5, 0.5), None) is False  # no gain
+    assert compare.holds(s, run(0.5, 0.6, shape=0.74), None) is False  # gained by losing the shape
+    assert compare.holds(s, run(0.5, 0.6, colour=0.89), None) is False
+    assert compare.holds(s, run(0.5, 0.6) | {"fidelity": None}, None) is None  # not judged without a check
+    flagship = compare.settle(compare.parse_args(["--preset", "flagship"]))
+    pretrained = {"asymmetry": 0.42}
+    assert compare.holds(flagship, run(0.5, 0.4), pretrained) is True  # judged by the asymmetry, not the gain
+    assert compare.holds(flagship, run(0.5, 0.9, asymmetry=0.211), pretrained) is False  # not halved
+    assert compare.holds(flagship, run(0.5, 0.9, shape=0.79), pretrained) is False  # 0.80 for the flagship
+    assert compare.holds(flagship, run(0.5, 0.9, shape=0.8, colour=0.95), pretrained) is True
