@@ -206,3 +206,26 @@ def test_gradnorm_reads_fig7_curves_into_a_table_and_plot(tmp_path):
     assert (tmp_path / "gradnorm.png").stat().st_size > 0
     bad = run("benchmarks/gradnorm.py", str(tmp_path / "nowhere"), timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_drift_finds_the_iteration_and_growth_of_two_float_paths_apart(tmp_path):
+    from benchmarks import drift
+
+    # seed 0: the two paths differ by 1e-7 * 2^i (growth x2, > 1e-5 from i = 7, > 1e-3 from 14, > 1e-1 from 20);
+    # seed 1: bitwise the same (no drift at all); a run on one path only is left out
+    base = [0.5 + 0.01 * i for i in range(25)]
+    apart = [b + 1e-7 * 2 ** i for i, b in enumerate(base)]
+    runs = {"0-t1": {"seed": 0, "threads": 1, "train": {"reward_mean": base}},
+            "0-t2": {"seed": 0, "threads": 2, "train": {"reward_mean": apart}},
+            "1-t1": {"seed": 1, "threads": 1, "train": {"reward_mean": base}},
+            "1-t2": {"seed": 1, "threads": 2, "train": {"reward_mean": base}},
+            "2-t1": {"seed": 2, "threads": 1, "train": {"reward_mean": base}}}
+    (tmp_path / "curves.json").write_text(json.dumps({"methods": {"DRTune": {"runs": runs}}}))
+    rows = drift.drift(json.loads((tmp_path / "curves.json").read_text()))
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert (rows[0]["first_above_1e-05"], rows[0]["first_above_0.001"], rows[0]["first_above_0.1"]) == (7, 14, 20)
+    assert rows[0]["growth"] == pytest.approx(2.0, rel=1e-3)
+    assert rows[1]["growth"] is None and rows[1]["first_above_1e-05"] is None and max(rows[1]["diffs"]) == 0
+    result = run("benchmarks/drift.py", str(tmp_path), timeout=60)
+    assert result.returncode == 0 and "×2.00" in result.stdout and (tmp_path / "drift.md").is_file()
+    assert run("benchmarks/drift.py", str(tmp_path / "nope"), timeout=60).returncode == 2
