@@ -38,9 +38,9 @@ class Args:
     clip_model: str = "auto"
     """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
     CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
-    clip_weight: float = 0.01
+    clip_weight: float = 0.015
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone; toy CLIP scores are ~90, ~25
-    for a picture without the prompted shape)"""
+    for a picture without the prompted shape; 0.015 keeps the shapes where 0.01 let some runs bend them)"""
     prompts: str = "auto"
     """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
     toy for the toy model, else the reward's set (simple_animals, general or books)"""
@@ -56,7 +56,7 @@ class Args:
     """images per micro-batch"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 70
+    iters: int = 100
     """iterations, each one optimizer update"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 2e-5 at LoRA rank 128)"""
@@ -101,7 +101,7 @@ class Args:
     """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
     threads: int = 2
     """CPU threads for torch (0 = torch's default, often slower); 1 per job on a shared CPU; at most cores / ranks"""
-    eval_every: int = 35
+    eval_every: int = 50
     """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
     """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
