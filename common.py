@@ -248,18 +248,31 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TA
     return params
 
 
+# Where diffusers (>= 0.35) keeps a LoRA's adapter config in the safetensors header: JSON, its keys prefixed by the
+# component (unet.r, unet.lora_alpha, ...); load_lora_weights builds the LoraConfig from it.
+LORA_METADATA_KEY = "lora_adapter_metadata"
+
+
 def save_lora(unet, run_dir):
-    """Write `pytorch_lora_weights.safetensors` (atomically) so `pipe.load_lora_weights(run_dir)` loads it."""
-    lora = get_peft_model_state_dict(unet)  # PEFT key names: diffusers loads them for every module kind
-    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:  # write aside, then swap in: never half-written
-        # the same file for SD and SDXL: unet.* keys, which both pipelines' load_lora_weights read
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
-        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(run_dir) / "pytorch_lora_weights.safetensors")
+    """Write `pytorch_lora_weights.safetensors` (atomically) so `pipe.load_lora_weights(run_dir)` loads it, at the
+    scale it was trained with."""
+    from safetensors.torch import save
+
+    # PEFT key names under unet.: what save_lora_weights writes, and what the SD and SDXL pipelines both load
+    lora = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    config = unet.peft_config["default"]
+    # Without its alpha in the file, load_lora_weights takes alpha = rank: a run with any other --lora-alpha would
+    # draw other pictures than it trained on. Only the fields that shape the adapter, so any peft can build the
+    # config; written here rather than by save_lora_weights, whose metadata argument diffusers < 0.35 lacks.
+    adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    header = {"format": "pt", LORA_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in adapter.items()})}
+    data = save(lora, metadata=header)
+    write_atomic(Path(run_dir) / "pytorch_lora_weights.safetensors", lambda f: f.write(data))
 
 
-def read_lora(path: str, what: str = "--init-lora") -> dict:
-    """A run directory (its pytorch_lora_weights.safetensors) or a diffusers LoRA file -> UNet LoRA weights
-    under PEFT names without the adapter name (e.g. `...attn1.to_q.lora_A.weight`)."""
+def _read_lora(path: str, what: str) -> tuple[dict, float | None]:
+    """A run directory (its pytorch_lora_weights.safetensors) or a diffusers LoRA file -> (UNet LoRA weights under
+    PEFT names without the adapter name, e.g. `...attn1.to_q.lora_A.weight`; the alpha it records, or None)."""
     source = Path(path).expanduser()
     if source.is_dir():
         source = source / "pytorch_lora_weights.safetensors"
@@ -267,17 +280,38 @@ def read_lora(path: str, what: str = "--init-lora") -> dict:
         fail(f"{what} {path}: no such LoRA file (a run directory or a .safetensors file)")
     try:
         state, _ = StableDiffusionPipeline.lora_state_dict(str(source))
+        metadata = {}
+        if source.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(source), "pt") as f:
+                metadata = json.loads((f.metadata() or {}).get(LORA_METADATA_KEY) or "{}")
+        alpha = metadata.get("unet.lora_alpha")
+        alpha = None if alpha is None else float(alpha)
     except Exception as e:
         fail(f"{what} {path}: not a LoRA file diffusers can read ({type(e).__name__})")
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if not unet:
         fail(f"{what} {path}: holds no UNet LoRA weights")
-    return convert_unet_state_dict_to_peft(unet)
+    return convert_unet_state_dict_to_peft(unet), alpha
 
 
-def check_lora_file(path: str, rank: int, targets: str, what: str = "--init-lora") -> dict:
-    """The LoRA in `path` must have the shape this run's adapter has (--lora-rank, --lora-targets)."""
-    state = read_lora(path, what)
+def read_lora(path: str, what: str = "--init-lora") -> dict:
+    """The UNet LoRA weights of a run directory or a diffusers LoRA file, under PEFT names (see _read_lora)."""
+    return _read_lora(path, what)[0]
+
+
+def _check_alpha(path: str, saved: float | None, rank: int, alpha: float, what: str):
+    # A file without an alpha loads in diffusers at alpha = rank; the same weights at another alpha draw other pictures.
+    saved = float(rank) if saved is None else saved
+    if not math.isclose(saved, alpha):
+        fail(f"{what} {path} has LoRA alpha {saved:g}; pass --lora-alpha {saved:g} to match (got {alpha:g})")
+
+
+def check_lora_file(path: str, rank: int, targets: str, what: str = "--init-lora", alpha: float | None = None) -> dict:
+    """The LoRA in `path` must have the shape this run's adapter has (--lora-rank, --lora-targets) and, when `alpha`
+    is given, its scale (--lora-alpha, resolved: 0 = the rank)."""
+    state, saved_alpha = _read_lora(path, what)
     ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
     layers = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
     kinds = {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers}
@@ -286,15 +320,19 @@ def check_lora_file(path: str, rank: int, targets: str, what: str = "--init-lora
         fail(f"{what} {path} has LoRA rank {', '.join(map(str, sorted(ranks)))}; pass --lora-rank to match (got {rank})")
     if kinds != wanted:
         fail(f"{what} {path} adapts the layers {','.join(sorted(kinds))}; pass them as --lora-targets (got {targets})")
+    if alpha is not None:
+        _check_alpha(path, saved_alpha, rank, alpha, what)
     return state
 
 
 def load_lora(unet, path: str, what: str = "--init-lora"):
-    """Set the adapter's weights (added by add_lora, same rank and targets) from a saved LoRA."""
-    state = read_lora(path, what)
+    """Set the adapter's weights (added by add_lora, same rank, alpha and targets) from a saved LoRA."""
+    state, saved_alpha = _read_lora(path, what)
     expected = {n.replace(".default.", ".") for n, p in unet.named_parameters() if p.requires_grad}
     if set(state) != expected:
         fail(f"{what} {path}: its LoRA layers differ from this run's ({len(state)} tensors, expected {len(expected)})")
+    config = unet.peft_config["default"]
+    _check_alpha(path, saved_alpha, config.r, config.lora_alpha, what)
     set_peft_model_state_dict(unet, {k: v.float() for k, v in state.items()}, adapter_name="default")
 
 
@@ -772,7 +810,8 @@ def check_common_args(args, differentiable: bool):
             fail(f"--run-dir {args.run_dir} already holds a run (metrics.jsonl); choose another directory, "
                  f"or continue it with --resume {args.run_dir}")
     if args.init_lora:
-        check_lora_file(args.init_lora, args.lora_rank, args.lora_targets, "--init-lora")
+        check_lora_file(args.init_lora, args.lora_rank, args.lora_targets, "--init-lora",
+                        alpha=args.lora_alpha or args.lora_rank)
     return load_prompts(args.prompts)
 
 
@@ -933,11 +972,28 @@ def save_grid(images, path, ncols: int = 8):
 CHECKPOINT = "checkpoint.pt"
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system allows (os.umask can only set it, and
+    setting it even for an instant races any thread creating a file)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write):
     """write(file) into a temporary file beside `path`, flushed to disk, then renamed over it: a kill at any
-    instant leaves either the old file or the new one, whole."""
+    instant leaves either the old file or the new one, whole. The file gets the mode a plain open() would give
+    (mkstemp's is 0600: nobody else could read a run's args.json or checkpoint)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

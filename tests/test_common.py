@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -264,7 +265,7 @@ def test_lora_targets_choose_the_layers_and_an_unknown_one_is_a_one_line_error(e
 
 def test_saved_lora_loads_with_diffusers_load_lora_weights(embedded_dir, tmp_path):
     pipe = common.load_pipeline(str(embedded_dir))
-    for p in common.add_lora(pipe.unet, 4):
+    for p in common.add_lora(pipe.unet, 4, alpha=16):  # alpha != rank: the file must carry the scale
         torch.nn.init.normal_(p, std=0.1)
     common.save_lora(pipe.unet, tmp_path)
     fresh = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
@@ -331,9 +332,9 @@ METHODS = {  # each script (and variant) with a tiny setting of its own flags
 }
 
 
-def launch(script, *flags, env=None):
+def launch(script, *flags, env=None, **popen):
     return subprocess.Popen([sys.executable, str(ROOT / script), *flags], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+                            stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), **popen)
 
 
 def finish(process, timeout=300):
@@ -507,6 +508,60 @@ def test_init_lora_starts_from_a_saved_lora_with_a_fresh_optimizer(tmp_path):
     file = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--init-lora",
                          str(first / "pytorch_lora_weights.safetensors"), "--run-dir", str(tmp_path / "file")))
     assert file.returncode == 0 and metrics(tmp_path / "file")[0] == metrics(second)[0]
+
+
+def test_a_lora_trained_with_alpha_other_than_its_rank_draws_the_runs_images_in_plain_diffusers(embedded_dir, tmp_path):
+    from diffusers.utils.torch_utils import randn_tensor
+    from PIL import Image
+
+    script, *flags = METHODS["drtune"]
+    run = tmp_path / "run"
+    # lr 0.05: a LoRA strong enough that drawing it at another scale changes the pictures by far more than rounding
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "3", "--eval-every", "0", "--lora-alpha", "32",
+                           "--lr", "0.05", "--run-dir", str(run)))
+    assert result.returncode == 0, result.stderr
+    # the README's route: a plain pipeline of the same model, load_lora_weights(run dir), the eval prompts and noise
+    pipe = StableDiffusionPipeline.from_pretrained(str(embedded_dir), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = common.eval_prompts("toy", common.load_prompts("toy"), 2)
+    x_T = randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(common.EVAL_SEED))
+
+    def draw():
+        images = pipe(prompts, num_inference_steps=3, guidance_scale=5.0, eta=0.0, latents=x_T, output_type="np").images
+        return torch.from_numpy((images * 255).round()).permute(1, 0, 2, 3).flatten(1, 2)  # side by side, as the grid
+
+    in_run = torch.from_numpy(np.array(Image.open(run / "eval_00003.png"))).float()
+    pretrained = draw()
+    pipe.load_lora_weights(str(run))
+    tuned = draw()
+    assert (pretrained - in_run).abs().mean() > 10  # the LoRA changed the pictures
+    assert (tuned - in_run).abs().max() <= 2  # and diffusers draws them as the run did: same scale
+    # --init-lora takes the saved alpha into account: another one is refused in one line, the same one continues
+    other = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--init-lora", str(run),
+                          "--run-dir", str(tmp_path / "other")))
+    assert other.returncode == 2 and "pass --lora-alpha 32 to match" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
+    same = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--lora-alpha", "32", "--init-lora", str(run),
+                         "--run-dir", str(tmp_path / "same")))
+    assert same.returncode == 0, same.stderr
+    assert metrics(tmp_path / "same")[0]["eval_reward_mean"] == metrics(run)[-1]["eval_reward_mean"]
+
+
+def test_every_file_a_run_writes_has_the_mode_the_umask_gives(tmp_path):
+    script, *flags = METHODS["drtune"]
+    run = tmp_path / "run"
+
+    def umask_027():
+        os.umask(0o027)
+
+    assert finish(launch(script, *TINY_RUN, *flags, "--iters", "2", "--run-dir", str(run),
+                         preexec_fn=umask_027)).returncode == 0
+    resumed = finish(launch(script, "--resume", str(run), "--iters", "3", preexec_fn=umask_027))  # rewrites metrics
+    assert resumed.returncode == 0, resumed.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    assert {"args.json", "checkpoint.pt", "metrics.jsonl", "pytorch_lora_weights.safetensors"} <= set(modes)
+    assert set(modes.values()) == {"0o640"}, modes
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
