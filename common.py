@@ -873,6 +873,10 @@ def parse_args(Args, script_file: str):
     resume, config = _flag_value(argv, "--resume"), _flag_value(argv, "--config")
     if resume and config:
         fail("--resume continues a run with its own settings; it takes no --config")
+    run_dir = _flag_value(argv, "--run-dir")
+    if resume and run_dir and Path(run_dir).expanduser().resolve() != Path(resume).expanduser().resolve():
+        fail(f"--resume {resume} continues the run in its own directory; it takes no --run-dir (got {run_dir}): "
+             f"to rerun its settings elsewhere, pass --config {Path(resume) / 'args.json'} --run-dir {run_dir}")
     default = Args()
     if resume:
         default = read_args_json(Path(resume) / "args.json", Args, script, f"--resume {resume}")
@@ -1015,7 +1019,10 @@ def load_checkpoint(run_dir, mmap: bool = False) -> dict:
 
 
 def check_checkpoint(run_dir: str, iters: int):
-    """--resume: a loadable checkpoint (memory-mapped: a quick look) with something left to do."""
+    """--resume: a loadable checkpoint (memory-mapped: a quick look) with something left to do, or none at all
+    beside args.json (a run stopped before its first checkpoint starts again from iteration 0)."""
+    if not (Path(run_dir) / CHECKPOINT).exists() and (Path(run_dir) / "args.json").is_file():
+        return
     checkpoint = load_checkpoint(run_dir, mmap=True)
     done = checkpoint["iter"]
     if done >= iters and any(r.get("final") for r in checkpoint["rows"]):
@@ -1135,13 +1142,20 @@ class Run:
         return Path(run_dir)
 
     def _restore(self):
-        checkpoint = load_checkpoint(self.dir) if self.lead else None
+        # Killed (or stopped by a failing reward) before its first checkpoint, a run has nothing to restore: it
+        # starts again from iteration 0 with its saved settings, which is what it did the first time.
+        saved = self.lead and (self.dir / CHECKPOINT).exists()
+        checkpoint = load_checkpoint(self.dir) if saved else None
         if WORLD > 1:  # rank 0 reads it and hands it on: no other node needs to see the run directory
             import torch.distributed as dist
 
             box = [checkpoint]
             dist.broadcast_object_list(box, src=0)
             checkpoint = box[0]
+        if checkpoint is None:
+            if self.lead:  # its rows belong to iterations that will run again
+                write_atomic(self.dir / "metrics.jsonl", lambda f: None)
+            return
         if checkpoint.get("ranks", 1) != WORLD:
             fail(f"--resume {self.dir}: it ran on {checkpoint.get('ranks', 1)} ranks, now {WORLD}: the global batch "
                  "would change the run")

@@ -373,6 +373,26 @@ def test_a_run_killed_mid_way_resumes_to_exactly_the_uninterrupted_run(method, t
     assert json.loads((killed / "args.json").read_text())["_meta"]["resumed_at"] == done
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_iteration_0(tmp_path):
+    script, *flags = METHODS["drtune"]
+    flags = [*TINY_RUN, *flags, "--save-every", "3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    # reward calls: the eval before iteration 0, iterations 0 and 1, then the eval before iteration 2: killed there,
+    # with rows 0 and 1 logged and the first checkpoint (after 3 iterations) not yet written
+    runs = [launch(script, *flags, "--run-dir", str(whole)),
+            launch(script, *flags, "--run-dir", str(killed), env={"KILL_AT_CALL": "4"})]
+    uninterrupted, crashed = (finish(p) for p in runs)
+    assert uninterrupted.returncode == 0 and crashed.returncode == -signal.SIGKILL
+    assert (killed / "args.json").is_file() and not (killed / "checkpoint.pt").exists() and len(metrics(killed)) == 2
+    rerun = finish(launch(script, *flags, "--run-dir", str(killed)))
+    assert rerun.returncode == 2 and f"--resume {killed}" in rerun.stderr
+    resumed = finish(launch(script, "--resume", str(killed)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(killed) == metrics(whole)  # the stale rows replaced, not kept beside the new ones
+    a, b = lora(whole), lora(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
     script, *flags = METHODS["drtune"]
     flags = [*TINY_RUN, *flags, "--iters", "40"]
@@ -625,6 +645,7 @@ BAD_INPUT = [  # (script, flags, what the one line must name)
     ("alignprop.py", ["--truncation", "sideways"], "--truncation"),
     ("drtune.py", ["--resume", "/nonexistent/run"], "/nonexistent/run"),
     ("drtune.py", ["--config", "/nonexistent/args.json"], "/nonexistent/args.json"),
+    ("drtune.py", ["--resume", "/nonexistent/run", "--run-dir", "/nonexistent/elsewhere"], "it takes no --run-dir"),
     ("drtune.py", ["--init-lora", "/nonexistent/lora"], "/nonexistent/lora"),
     ("drtune.py", ["--prompts", "BINARY"], "not a UTF-8 text file"),
     ("drtune.py", ["--prompts", "EMPTY"], "no prompts"),
