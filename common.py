@@ -60,6 +60,10 @@ REAL_CLIP = "openai/clip-vit-large-patch14"  # `--clip-model auto` for any model
 diffusers_logging.disable_progress_bar()
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fail(message: str):
     """Stop on bad user input: one line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -761,6 +765,8 @@ def check_common_args(args, differentiable: bool):
                  "budget_seconds", "clip_weight", "eval_num_steps", "eval_guidance_scale"):
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative (got {getattr(args, name)})")
+    if args.seed > 2**32 - 1:  # numpy's generator takes no larger seed
+        fail(f"--seed must be at most {2**32 - 1} (got {args.seed})")
     if args.resolution < 0 or args.resolution % 8:
         fail(f"--resolution must be a positive multiple of 8, or 0 for the model's own size (got {args.resolution})")
     for name in ("lr", "grad_clip", "progress_every"):
@@ -1102,7 +1108,8 @@ class Run:
         self.state = {} if state is None else state
         self.rows, self.start_iter, self.saved_iter, self.rng = [], 0, None, None
         self.elapsed_before = self.eval_seconds = 0.0
-        self.interrupted, self.lead = False, RANK == 0
+        self.interrupted, self.finishing, self.lead = False, False, RANK == 0
+        self.budget_reason, self.signal_handlers = "", {}
         join_process_group(device)
         COMPUTE.update(dict.fromkeys(COMPUTE, 0))  # a run counts from zero (or from its checkpoint)
         if args.resume:
@@ -1188,34 +1195,60 @@ class Run:
         it stops early, checkpointed, on Ctrl-C / SIGTERM or once the budget is spent."""
         if self.rng is not None:  # last, after all of setup: the stream continues where the checkpoint left it
             set_rng_state(self.rng)
-        handlers = {}
         # Under torchrun a signal means teardown (the agent stops every rank): no rank waits for the others.
+        # Otherwise the signals stay ours until the run is closed: a graceful stop still writes its checkpoint
+        # after the loop, and a second Ctrl-C there must end as cleanly as one during an iteration.
         if WORLD == 1 and threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.signal_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for it in range(self.start_iter, self.args.iters):
                 yield it
                 self.next_iter = it + 1
-                if self.interrupted or self.budget_spent():
+                if self.interrupted:
+                    break
+                self.budget_reason = self.budget_spent()
+                if self.budget_reason:
                     break
                 if self.args.save_every and self.next_iter % self.args.save_every == 0:
                     self.save()
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+        except BaseException:  # the loop died (or was abandoned): finish() will not run to hand the signals back
+            self._release_signals()
+            raise
+
+    def _release_signals(self):
+        for s, handler in self.signal_handlers.items():
+            signal.signal(s, handler)
+        self.signal_handlers = {}
+
+    def _resume_hint(self) -> str:
+        return f"continue with: python {self.script} --resume {self.dir}"
+
+    def _kept(self, what: str = "the last checkpoint") -> str:
+        if self.saved_iter is None:
+            return f"no checkpoint had been written yet in {self.dir}"
+        return f"{what} (after {plural(self.saved_iter, 'iteration')}) is in {self.dir}"
 
     def _on_signal(self, signum, frame):
-        if self.interrupted:  # the second time: stop at once (the last checkpoint stays whole)
-            raise KeyboardInterrupt
+        if self.interrupted:
+            # The second time: stop at once. Whatever was being written is written aside and renamed over the old
+            # file, so the last checkpoint stays whole; SystemExit (not KeyboardInterrupt) unwinds without a traceback.
+            self._release_signals()
+            print(f"\n{self.name}: stopped at once; {self._kept()}; {self._resume_hint()}", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         self.interrupted = True
-        print(f"\n{self.name}: stopping after this iteration, with a checkpoint (again to stop at once)",
-              file=sys.stderr, flush=True)
+        doing = "writing the final evaluation and checkpoint" if self.finishing else \
+            "stopping after this iteration, with a checkpoint"
+        print(f"\n{self.name}: {doing} (again to stop at once)", file=sys.stderr, flush=True)
 
-    def budget_spent(self) -> bool:
-        """--budget (compute units, see compute_units) or --budget-seconds (training time: evaluation left out)
-        reached; 0 = no limit. Every rank decides alike."""
+    def budget_spent(self) -> str:
+        """Why the run has spent its budget ('' while it has not): --budget (compute units, see compute_units) or
+        --budget-seconds (training time: evaluation left out); 0 = no limit. Every rank decides alike."""
         seconds = self.args.budget_seconds and self.elapsed() - self.eval_seconds >= self.args.budget_seconds
-        return bool((self.args.budget and compute_units() >= self.args.budget) or any_rank(bool(seconds)))
+        if self.args.budget and compute_units() >= self.args.budget:
+            return f"--budget {self.args.budget:g} reached"
+        if any_rank(bool(seconds)):
+            return f"--budget-seconds {self.args.budget_seconds:g} reached"
+        return ""
 
     def evaluation(self, evaluate):
         """Decorates the script's evaluate(it) -> row: rank 0 alone runs it (the others get {}), and its time is
@@ -1243,11 +1276,10 @@ class Run:
             self.stop(f"iteration {it}: {found}")
 
     def stop(self, reason: str):
-        kept = (f"the last good checkpoint (iteration {self.saved_iter}) is in {self.dir}" if self.saved_iter
-                is not None else f"no checkpoint had been written yet in {self.dir}")
         self._close()
         if self.lead:
-            print(f"error: {self.name}: {reason}; stopped, {kept}", file=sys.stderr, flush=True)
+            print(f"error: {self.name}: {reason}; stopped, {self._kept('the last good checkpoint')}", file=sys.stderr,
+                  flush=True)
         raise SystemExit(3)
 
     def log(self, row: dict):
@@ -1299,6 +1331,7 @@ class Run:
         self.saved_iter = self.next_iter
 
     def _close(self):
+        self._release_signals()
         if self.lead:
             self.bar.close()
             self.metrics.close()
@@ -1307,18 +1340,24 @@ class Run:
 
     def finish(self, evaluate):
         """After the loop: the evaluation of the final model as a row of its own ({"iter": N, "final": true}, N
-        iterations done), the final checkpoint and LoRA, and the run's one-line summary on stdout."""
-        if not self.interrupted and not (self.rows and self.rows[-1].get("final")):
+        iterations done), the final checkpoint and LoRA, and the run's one-line summary on stdout. Every message
+        counts iterations done ("after 7 iterations", as the progress line's 7/40); `iteration k` names the row
+        of metrics.jsonl with iter k."""
+        stopped, self.finishing = self.interrupted, True  # a Ctrl-C from here on asks for no early stop
+        if not stopped and not (self.rows and self.rows[-1].get("final")):
             self.log({"iter": self.next_iter, "final": True} | evaluate(self.next_iter))
-        if self.next_iter != self.saved_iter or not self.interrupted:
+        if self.next_iter != self.saved_iter or not stopped:
             self.save()
         self._close()
-        if self.interrupted:
-            print(f"{self.name}: stopped after iteration {self.next_iter - 1}; continue with: python {self.script} "
-                  f"--resume {self.dir}", file=sys.stderr, flush=True)
+        done = f"{self.next_iter} of {plural(self.args.iters, 'iteration')}"
+        if stopped:
+            print(f"{self.name}: stopped after {done}, with a checkpoint; {self._resume_hint()}", file=sys.stderr,
+                  flush=True)
             raise SystemExit(130)
         evals = [r["eval_reward_mean"] for r in self.rows if "eval_reward_mean" in r]
         change = f"eval reward {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "no eval"
+        spent = f"{self.elapsed():.0f} s, compute {compute_units():.4g}"
+        ended = f"{done} ({self.budget_reason}; {spent})" if self.budget_reason else \
+            f"{plural(self.next_iter, 'iteration')} ({spent})"
         if self.lead:
-            print(f"{self.name}: {change} after {self.next_iter} iterations ({self.elapsed():.0f} s, "
-                  f"compute {compute_units():.4g}); run dir {self.dir}", flush=True)
+            print(f"{self.name}: {change} after {ended}; run dir {self.dir}", flush=True)

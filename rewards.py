@@ -551,6 +551,28 @@ def _user_reward(name: str):
     return fn, getattr(fn, "differentiable", False) is True
 
 
+def _user_scores(name: str, value, n: int, device) -> torch.Tensor:
+    """A user's reward must give one score per image. Anything else (a float, a (N, 1) tensor) would end in a
+    traceback deep in the training loop, or worse broadcast silently against the other terms of a sum."""
+    from common import fail
+
+    try:
+        scores = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        scores = None
+    if scores is None or scores.shape != (n,) or scores.dtype == torch.bool or scores.is_complex():
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            got = f"a {type(value).__name__} of shape {tuple(value.shape)}"
+            got += f" and dtype {value.dtype}" if tuple(value.shape) == (n,) else ""
+        elif isinstance(value, (list, tuple)):
+            got = f"a {type(value).__name__} of {len(value)} items"
+        else:
+            got = f"a {type(value).__name__} ({repr(value)[:40]})"
+        fail(f"--reward {name} returned {got} for {n} images; a reward returns one score per image, a tensor of "
+             f"shape ({n},)")
+    return scores
+
+
 def _split_reward_model(value: str | None, spec: str, names: list[str]) -> dict:
     """--reward-model as {reward: weights}: one value for the only pretrained term, or name=path,name=path."""
     from common import fail
@@ -694,12 +716,15 @@ def make(spec: str, *, clip_model: str = "toy", clip_weight: float = 0.0, reward
             # one call on a grey image loads the models now and shows they run, before any training step
             with torch.no_grad():
                 part(torch.full((1, 3, 64, 64), 0.5, device=device), [""])
-        parts.append((weight, part))
+        parts.append((weight, name, part))
 
     def reward(images, prompts):
         total = 0
-        for weight, part in parts:  # as_tensor: a user's non-differentiable reward may return numpy
-            total = total + weight * torch.as_tensor(part(images, prompts), device=images.device).float()
+        for weight, name, part in parts:
+            value = part(images, prompts)
+            # as_tensor: a user's non-differentiable reward may return numpy
+            scores = _user_scores(name, value, len(images), images.device) if ":" in name else torch.as_tensor(value)
+            total = total + weight * scores.to(images.device).float()
         return total
 
     return reward, differentiable

@@ -393,6 +393,73 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_iteration_0(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("returns,described", [("0.5", "a float (0.5)"),
+                                                ("images.mean(dim=(2, 3))", "a Tensor of shape (2, 3)")])
+def test_a_user_reward_without_one_score_per_image_is_one_line_and_the_run_resumes_once_fixed(returns, described,
+                                                                                               tmp_path):
+    module = tmp_path / "my_reward.py"
+    module.write_text(f"def score(images, prompts):\n    return {returns}\n\n\nscore.differentiable = True\n")
+    script, *flags = METHODS["drtune"]
+    run = tmp_path / "run"
+    result = finish(launch(script, *TINY_RUN, *flags, "--iters", "2", "--reward", f"{module}:score",
+                           "--run-dir", str(run)))
+    err = result.stderr.strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--reward {module}:score returned {described} for 2 images" in err and "shape (2,)" in err
+    # the first evaluation failed after the run directory was made: fixed, the run starts from iteration 0
+    module.write_text("def score(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n\n\n"
+                      "score.differentiable = True\n")
+    resumed = finish(launch(script, "--resume", str(run)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["iter"] for r in metrics(run)] == [0, 1, 2]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_with_the_resume_hint(tmp_path):
+    script, *flags = METHODS["drtune"]
+    run = tmp_path / "run"
+    # reward call 3 is iteration 1's, and it sleeps: both signals arrive within that iteration
+    process = launch(script, *TINY_RUN, *flags, "--iters", "40", "--run-dir", str(run), env={"SLEEP_AT_CALL": "3"})
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    first = process.stderr.readline() + process.stderr.readline()  # a blank line, then the message
+    assert "stopping after this iteration" in first
+    process.send_signal(signal.SIGINT)
+    out, rest = process.communicate(timeout=60)
+    lines = rest.strip().splitlines()
+    assert process.returncode == 130 and "Traceback" not in rest and len(lines) == 1, rest
+    assert "stopped at once" in lines[0] and "(after 1 iteration)" in lines[0]
+    assert lines[0].endswith(f"continue with: python drtune.py --resume {run}")
+    assert common.load_checkpoint(run)["iter"] == 1
+
+
+def test_a_second_ctrl_c_while_the_graceful_stop_writes_its_checkpoint_is_one_line(pipe, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import drtune
+
+    params = common.add_lora(pipe.unet, 2)
+    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run"), iters=5, save_every=0), pipe.unet,
+                     torch.optim.AdamW(params, lr=0.1), "cpu")
+    before = signal.getsignal(signal.SIGINT)
+    for it in run.iterations():
+        run.log({"iter": it})
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop after this iteration
+    save = run.save
+
+    def interrupted_save():
+        os.kill(os.getpid(), signal.SIGINT)  # the second, while the stop's checkpoint is being written
+        save()
+
+    monkeypatch.setattr(run, "save", interrupted_save)
+    with pytest.raises(BaseException) as stop:  # a KeyboardInterrupt too: it would end the test session
+        run.finish(lambda it: {})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert isinstance(stop.value, SystemExit) and stop.value.code == 130 and "stopped at once; no checkpoint had been written yet" in err[-1]
+    assert err[-1].endswith(f"--resume {tmp_path / 'run'}")
+    assert signal.getsignal(signal.SIGINT) == before  # the handlers are handed back
+
+
 def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
     script, *flags = METHODS["drtune"]
     flags = [*TINY_RUN, *flags, "--iters", "40"]
@@ -405,6 +472,7 @@ def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_ex
     result = finish(stopped)
     assert result.returncode == 130 and f"--resume {tmp_path / 'stopped'}" in result.stderr
     done = common.load_checkpoint(tmp_path / "stopped")["iter"]
+    assert f"stopped after {done} of 40 iterations" in result.stderr  # counted as done, as the progress line counts
     assert 2 <= done < 40 and len(metrics(tmp_path / "stopped")) == done  # the iteration finished, then it stopped
     assert finish(launch(script, "--resume", str(tmp_path / "stopped"))).returncode == 0
     assert finish(whole).returncode == 0
@@ -452,7 +520,7 @@ def test_the_nan_guard_stops_before_the_update_and_keeps_the_last_good_checkpoin
                            env={"NAN_AT_CALL": "5"}))
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "iteration 3: non-finite reward (nan)" in lines[0] and "iteration 3)" in lines[0]
+    assert len(lines) == 1 and "iteration 3: non-finite reward (nan)" in lines[0] and "(after 3 iterations)" in lines[0]
     checkpoint = common.load_checkpoint(tmp_path / "run")
     assert checkpoint["iter"] == 3 and [r["iter"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
     weights = lora(tmp_path / "run")
@@ -620,6 +688,8 @@ BAD_INPUT = [  # (script, flags, what the one line must name)
     ("draft.py", ["--eta", "2"], "--eta must be in [0, 1]"),
     ("refl.py", ["--threads", "-3"], "--threads must be non-negative"),
     ("drtune.py", ["--seed", "-1"], "--seed must be non-negative"),
+    ("drtune.py", ["--seed", "4294967296"], "--seed must be at most 4294967295"),  # numpy's seed range
+    ("ddpo.py", ["--seed", "4294967296"], "--seed must be at most 4294967295"),
     ("drtune.py", ["--K", "abc"], "--K"),
     ("drtune.py", ["--no-such-flag", "1"], "--no-such-flag"),
     ("rwr.py", ["--iters"], "--iters"),
@@ -811,6 +881,7 @@ def test_the_budget_stops_a_run_after_the_iteration_that_reaches_it(tmp_path):
     rows = metrics(tmp_path / "run")
     assert [r["compute"] for r in rows] == [40, 80, 120, 120] and rows[-1]["final"]
     assert common.load_checkpoint(tmp_path / "run")["iter"] == 3
+    assert "after 3 of 50 iterations (--budget 100 reached;" in result.stdout  # not mistaken for a finished run
     timed = finish(launch(script, *TINY_RUN, *flags, "--iters", "50", "--budget-seconds", "0.001",
                           "--run-dir", str(tmp_path / "timed")))
     assert timed.returncode == 0 and [r["iter"] for r in metrics(tmp_path / "timed")] == [0, 1]
