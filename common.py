@@ -854,6 +854,19 @@ def _one_line(box: str) -> str:
     return " ".join(message or content[-1:] or ["could not parse the command line"])
 
 
+def cli(Args, argv=None, default=None, prog=None):
+    """tyro.cli, its parse errors as one line (exit status 2); --help as tyro prints it."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv, default=default, prog=prog)
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            fail(_one_line(captured.getvalue()))
+        sys.stderr.write(captured.getvalue())
+        raise
+
+
 def read_args_json(path: Path, Args, script: str, what: str):
     """A run's args.json -> an Args instance (the defaults of a --config or --resume parse)."""
     try:
@@ -890,15 +903,7 @@ def parse_args(Args, script_file: str):
         default = read_args_json(Path(config), Args, script, f"--config {config}")
         default.run_dir = ""  # a rerun gets a run directory of its own
     default.resume, default.config = "", ""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            args = tyro.cli(Args, args=argv, default=default, prog=script)
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            fail(_one_line(captured.getvalue()))
-        sys.stderr.write(captured.getvalue())
-        raise
+    args = cli(Args, argv, default, script)
     if resume:
         changed = [f.name for f in fields(Args)
                    if f.name not in RESUME_MAY_CHANGE and getattr(args, f.name) != getattr(default, f.name)]

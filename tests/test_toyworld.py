@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
-from toyworld import world
+from toyworld import check, world
 from toyworld.train import zero_shot_accuracy
 
 CLIP_DIR = world.__file__.rsplit("/", 1)[0] + "/clip"
@@ -51,3 +52,25 @@ def test_toy_stable_diffusion_draws_what_the_prompt_says():
     hits = torch.tensor([[a == b for a, b in zip(classify(image), k)] for k, image in zip(combos, images)]).float()
     colour, shape, background = hits.mean(dim=0).tolist()
     assert background >= 0.95 and colour >= 0.95 and shape >= 0.90, (colour, shape, background)
+
+
+def test_check_refuses_bad_input_in_one_line_before_loading_anything(tmp_path, monkeypatch, capsys):
+    """Also a damaged LoRA in a run directory: diffusers' loader raised it as a traceback after the model loaded."""
+    corrupt = tmp_path / "lora.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json and no tensors")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "pytorch_lora_weights.safetensors").write_bytes(corrupt.read_bytes())
+    cases = [(["--n", "0"], "--n must be at least 1"), (["--num-steps", "0"], "--num-steps"),
+             (["--lora", str(corrupt)], f"--lora {corrupt}: not a LoRA file"),
+             (["--lora", str(run_dir)], f"--lora {run_dir}: not a LoRA file"),
+             (["--n", "many"], "--n"), (["--prompts", "simple_animals"], "not a toy caption"),
+             (["--grid", str(tmp_path / "no" / "grid.png")], "--grid")]
+    monkeypatch.setattr(check.common, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    for flags, needle in cases:
+        monkeypatch.setattr("sys.argv", ["check.py", *flags])
+        with pytest.raises(SystemExit) as stop:
+            check.main()
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, \
+            (flags, err)

@@ -2,6 +2,7 @@
 
     python toyworld/check.py                          # the pretrained toy model
     python toyworld/check.py --lora runs/drtune__...  # after fine-tuning (loaded with load_lora_weights)
+    python toyworld/check.py --lora my_lora.safetensors
 
 Samples `--n` images over the evaluation prompts with fixed noise (deterministic DDIM, as the scripts'
 evaluation), then reports the mean asymmetry (DRTune eq. 6), the toy CLIP score, and how often the
@@ -9,12 +10,13 @@ picture shows the prompted colour, shape and background according to a pixel cla
 """
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -25,7 +27,8 @@ from toyworld import world  # noqa: E402
 @dataclass
 class Args:
     lora: str = ""
-    """run directory holding pytorch_lora_weights.safetensors (empty: the pretrained model)"""
+    """a run directory holding pytorch_lora_weights.safetensors, or a LoRA .safetensors file (empty: the pretrained
+    model)"""
     model: str = common.TOY_MODEL
     """the toy model (or any diffusers folder drawing the toy world)"""
     prompts: str = "toy_eval"
@@ -44,15 +47,41 @@ class Args:
     """CPU threads for torch"""
 
 
-def main():
-    args = tyro.cli(Args)
-    torch.set_num_threads(args.threads)
+def check_args(args: Args) -> list[str]:
+    """Every flag checked before any work (one line on stderr, exit status 2); returns the prompts."""
+    for name in ("n", "num_steps", "grid_cols", "threads"):
+        if getattr(args, name) < 1:
+            common.fail(f"{common.flag(name)} must be at least 1 (got {getattr(args, name)})")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        common.fail(f"--guidance-scale must be a finite non-negative number (got {args.guidance_scale})")
     prompts = common.load_prompts(args.prompts)
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        common.fail(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there")
-    pipe = common.load_pipeline(args.model)
+    for prompt in prompts:  # the classifier reads colour, shape and background off the caption
+        words = prompt.split()
+        if len(words) != 7 or words[1] not in world.COLOURS or words[2] not in world.SHAPES or \
+                words[5] not in world.BACKGROUNDS:
+            common.fail(f"--prompts {args.prompts}: {prompt!r} is not a toy caption "
+                        f"(\"a <colour> <shape> on a <background> background\")")
+    if args.grid:
+        grid = Path(args.grid).expanduser()
+        if not grid.parent.is_dir() or grid.suffix.lower() not in Image.registered_extensions():
+            common.fail(f"--grid {args.grid}: needs an existing folder and an image suffix such as .png")
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        common.read_lora(args.lora, "--lora")  # a missing or damaged file fails here, in one line
+    common.resolve_model(args.model)
+    return prompts
+
+
+def main():
+    args = common.cli(Args, prog="check.py")
+    prompts = check_args(args)
+    torch.set_num_threads(args.threads)
+    pipe = common.load_pipeline(args.model)
+    if args.lora:  # diffusers' own route, as a user would load it; the alpha comes from the file's metadata
+        lora = Path(args.lora).expanduser()
+        if lora.is_dir():
+            pipe.load_lora_weights(str(lora))
+        else:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     batch = [prompts[i % len(prompts)] for i in range(args.n)]
     asym, images = common.evaluate(pipe, batch, lambda x, p: rewards.asymmetry(x), num_steps=args.num_steps,
                                    guidance_scale=args.guidance_scale, resolution=common.native_resolution(pipe),
