@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,7 +414,17 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
     meta |= {name: getattr(args, name) for name in SAMPLING_FLAGS}
     write_atomic(run_dir / "samples.json", json.dumps(meta, indent=2).encode())
     print(f"d3po: {len(chosen)} prompts x {n} images in {run_dir}; label them in {run_dir / 'label.html'}, then\n"
-          f"  python d3po.py --feedback human --phase train --samples {run_dir} --labels <exported files>")
+          f"  python d3po.py --feedback human --phase train --samples {run_dir}{train_flags(args)} "
+          "--labels <exported files>")
+
+
+def train_flags(args: Args) -> str:
+    """The flags --phase train must repeat to accept these samples: the sampling settings and the LoRA they were
+    drawn with (its shape too), wherever they differ from the defaults."""
+    default = Args()
+    names = (*SAMPLING_FLAGS, "init_lora", "lora_rank", "lora_alpha", "lora_targets")
+    return "".join(f" {common.flag(name)} {shlex.quote(str(getattr(args, name)))}" for name in names
+                   if getattr(args, name) != getattr(default, name))
 
 
 def main():
