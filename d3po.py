@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import common
 
@@ -238,7 +238,8 @@ def check_args(args: Args):
     if args.grad_accum < 1 or args.num_prompts < 1:
         common.fail("--grad-accum and --num-prompts must be at least 1")
     if args.ref_lora not in ("", "pretrained"):
-        common.check_lora_file(args.ref_lora, args.lora_rank, args.lora_targets, "--ref-lora")
+        common.check_lora_file(args.ref_lora, args.lora_rank, args.lora_targets, "--ref-lora",
+                               alpha=args.lora_alpha or args.lora_rank)  # at another scale it is another policy
     if args.phase == "sample":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             common.fail("--phase sample writes one set of samples: run it as one process, not under torchrun")
@@ -398,9 +399,9 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
     for name, png in zip(names, pngs):
         write_atomic(run_dir / name, png)
     trajectories = {"latents": torch.cat(latents).contiguous(), "timesteps": timesteps.cpu().long()}
-    save_file({k: v.cpu() for k, v in trajectories.items()}, run_dir / "trajectories.safetensors.tmp")
-    samples_id = hashlib.sha256((run_dir / "trajectories.safetensors.tmp").read_bytes()).hexdigest()[:16]
-    os.replace(run_dir / "trajectories.safetensors.tmp", run_dir / "trajectories.safetensors")
+    data = save({k: v.cpu() for k, v in trajectories.items()})  # bytes, written with the umask's mode as the rest
+    samples_id = hashlib.sha256(data).hexdigest()[:16]
+    write_atomic(run_dir / "trajectories.safetensors", data)
     n = args.samples_per_prompt
     page_data = {"format": LABELS_FORMAT, "samples_id": samples_id, "per_prompt": n,
                  "items": [{"prompt": p, "images": ["data:image/png;base64," + base64.b64encode(png).decode()

@@ -181,11 +181,9 @@ def test_sample_phase_writes_everything(samples):
     assert not list(samples.glob("*.pkl")) and not list(samples.rglob("*.tmp"))
     umask = os.umask(0o022)
     os.umask(umask)
-    # others may read them, as any file a plain open() writes (trajectories.safetensors is safetensors' own 0600
-    # write in write_samples, not common's, and not yet covered)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in samples.rglob("*")
-             if p.is_file() and p.name != "trajectories.safetensors"}
-    assert {"label.html", "samples.json", "0000_0.png"} <= set(modes) and set(modes.values()) == {0o666 & ~umask}, modes
+    # others may read them, as any file a plain open() writes
+    modes = {p.name: p.stat().st_mode & 0o777 for p in samples.rglob("*") if p.is_file()}
+    assert {"label.html", "samples.json", "0000_0.png", "trajectories.safetensors"} <= set(modes) and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_human_round_trip_averages_annotators(samples, tmp_path, monkeypatch):
@@ -416,3 +414,7 @@ def test_two_human_rounds_sample_from_and_reference_the_previous_round(samples, 
              "--run-dir", str(tmp_path / "to_pretrained"))
     rows = [json.loads(line) for line in (tmp_path / "to_pretrained" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["abs_log_ratio"] > 0
+    # a reference LoRA is a policy only at the scale it was trained with: round 1's alpha is its rank (8)
+    capsys.readouterr()
+    expect_usage_error(monkeypatch, capsys, [*second, "--ref-lora", str(round1), "--lora-alpha", "16"],
+                       tmp_path / "ref_alpha", "--ref-lora")
