@@ -681,6 +681,7 @@ def read_fidelity(path: Path, n: int):
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
+    saved.pop("lora", None)  # check.py's absolute path of the run: curves.json names the run (run_dir) relatively
     return saved if saved.get("n") == n else None  # another --fidelity-n: measured again
 
 
