@@ -7,7 +7,7 @@ Backpropagate a differentiable reward through the sampling chain, but
   2. train only K equally spaced steps with a random offset (Alg. 1 lines 5-6);
   3. stop early at a random t_min <= m and score the x0 prediction made there (lines 8, 19-21).
 
-Quick run on the toy world (CPU, about 3 minutes; symmetry with the toy CLIP as regulariser):
+Quick run on the toy world (CPU, about 4 minutes on 2 cores; symmetry with the toy CLIP as regulariser):
     python drtune.py --reward symmetry --K 5
 The paper's settings on Stable Diffusion 1.5 (a GPU; batch 32 = 8 x 4 accumulated; DDPM-like eta 1):
     python drtune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward symmetry \
