@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import common
 import d3po
@@ -247,7 +248,7 @@ def test_bad_input_fails_before_any_work(samples, tmp_path, monkeypatch, capsys)
     tampered = tmp_path / "tampered"
     shutil.copytree(samples, tampered)
     stored = d3po.load_file(tampered / "trajectories.safetensors")
-    d3po.save_file({k: v + (k == "latents") for k, v in stored.items()}, tampered / "trajectories.safetensors")
+    save_file({k: v + (k == "latents") for k, v in stored.items()}, tampered / "trajectories.safetensors")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(page_export(meta, [0, 1, "tie"])))
     expect_usage_error(monkeypatch, capsys, [*train[:5], str(tampered), *train[6:], "--labels", str(good)],
