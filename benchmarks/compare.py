@@ -311,11 +311,9 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
             fail(f"--{key.replace('_', '-')} must be a non-negative number (got {value})")
     # iters "default" (a preset's): every run is the script's default run, its own length and eval cadence
     s.default_length = s.iters == "default" and not (s.budget or s.budget_seconds)
-    if s.default_length:
+    if s.iters == "default":
         s.iters = None
-    else:
-        if s.iters == "default":
-            s.iters = None
+    if not s.default_length:
         if s.iters is not None and s.iters < 1:
             fail(f"--iters must be at least 1 (got {s.iters})")
         if not (s.budget or s.budget_seconds or s.iters):
