@@ -22,13 +22,16 @@ from dataclasses import dataclass
 import torch
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 TRUNCATIONS = ("gaussian", "uniform", "fixed")
 
 
 @dataclass
 class Args:
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -119,15 +122,15 @@ class Args:
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=True)
+    prompts = runner.check_common_args(args, differentiable=True)
     if args.truncation not in TRUNCATIONS:
-        common.fail(f"--truncation {args.truncation}: unknown; choose one of {', '.join(TRUNCATIONS)}")
+        fail(f"--truncation {args.truncation}: unknown; choose one of {', '.join(TRUNCATIONS)}")
     if args.num_steps < 2:
-        common.fail(f"--num-steps must be at least 2: truncation leaves 1 <= k < T (got {args.num_steps})")
+        fail(f"--num-steps must be at least 2: truncation leaves 1 <= k < T (got {args.num_steps})")
     if args.loss_coeff <= 0:
-        common.fail(f"--loss-coeff must be positive (got {args.loss_coeff})")
+        fail(f"--loss-coeff must be positive (got {args.loss_coeff})")
     if args.grad_accum < 1 or args.eval_size < 1:
-        common.fail("--grad-accum and --eval-size must be at least 1")
+        fail("--grad-accum and --eval-size must be at least 1")
     return prompts
 
 
@@ -156,17 +159,17 @@ def alignprop_steps(T: int, truncation: str):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    run = common.Run(__file__, args, pipe.unet, optimizer, device)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps
 
@@ -188,7 +191,7 @@ def main():
             # ALGO LOGIC: a fresh truncation point per trajectory (here per micro-batch, shared by its images)
             grad_steps = alignprop_steps(T, args.truncation)
             trained.append(grad_steps)
-            batch = common.choices(prompts, args.batch_size)  # this rank's share
+            batch = distributed.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -202,17 +205,18 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
-        common.average_gradients(params)  # over the ranks, before clipping
+        distributed.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
+        reward_all = distributed.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum * common.WORLD
+        samples_seen += args.batch_size * args.grad_accum * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
+                "loss": distributed.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(),
+                "samples_seen": samples_seen,
                 "truncation": [steps[0] for steps in trained]}  # k per micro-batch: steps k..T-1 trained
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

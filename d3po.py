@@ -37,6 +37,9 @@ from PIL import Image
 from safetensors.torch import load_file, save
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail, flag
 
 LABEL_PAGE_TEMPLATE = Path(__file__).parent / "d3po_label" / "page.html"
 SAMPLES_FORMAT, LABELS_FORMAT = "d3po-samples/1", "d3po-labels/1"
@@ -46,7 +49,7 @@ SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "
 
 @dataclass
 class Args:
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -153,38 +156,38 @@ class Args:
 
 def read_json(path: Path, what: str):
     if not path.is_file():
-        common.fail(f"{what} {path}: no such file")
+        fail(f"{what} {path}: no such file")
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        common.fail(f"{what} {path}: cannot be read as JSON ({type(e).__name__}: {str(e).splitlines()[0]})")
+        fail(f"{what} {path}: cannot be read as JSON ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
 def load_samples(args: Args) -> dict:
     """samples.json of a --phase sample run dir, checked against the flags that define its transitions."""
     if not args.samples:
-        common.fail("--phase train needs --samples DIR: the run dir written by --phase sample")
+        fail("--phase train needs --samples DIR: the run dir written by --phase sample")
     meta_path = Path(args.samples) / "samples.json"
     if not meta_path.is_file():
-        common.fail(f"--samples {args.samples}: no samples.json there; run --feedback human --phase sample first")
+        fail(f"--samples {args.samples}: no samples.json there; run --feedback human --phase sample first")
     meta = read_json(meta_path, "--samples")
     if not isinstance(meta, dict) or meta.get("format") != SAMPLES_FORMAT:
-        common.fail(f"--samples {args.samples}: samples.json is not a {SAMPLES_FORMAT} file")
+        fail(f"--samples {args.samples}: samples.json is not a {SAMPLES_FORMAT} file")
     for name in SAMPLING_FLAGS:
         if meta.get(name) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
-            common.fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
-                        f"training replays their transitions, so pass {flag} {meta.get(name)}")
+            fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
+                 f"training replays their transitions, so pass {flag} {meta.get(name)}")
     if meta.get("init_lora_id", "") != lora_id(args.init_lora):
-        common.fail(f"--init-lora {args.init_lora or '(none)'} is not the model the samples in {args.samples} were drawn "
-                    f"from ({meta.get('init_lora') or 'the pretrained model'}); training starts from the sampling model")
+        fail(f"--init-lora {args.init_lora or '(none)'} is not the model the samples in {args.samples} were drawn "
+             f"from ({meta.get('init_lora') or 'the pretrained model'}); training starts from the sampling model")
     trajectories = Path(args.samples) / "trajectories.safetensors"
     if not trajectories.is_file():
-        common.fail(f"--samples {args.samples}: trajectories.safetensors is missing")
+        fail(f"--samples {args.samples}: trajectories.safetensors is missing")
     # The id the label files quote is this file's hash: labels can only ever train the pairs they judged.
     if hashlib.sha256(trajectories.read_bytes()).hexdigest()[:16] != meta.get("samples_id"):
-        common.fail(f"--samples {args.samples}: trajectories.safetensors changed since sampling (hash differs "
-                    "from samples.json); its labels no longer describe it")
+        fail(f"--samples {args.samples}: trajectories.safetensors changed since sampling (hash differs "
+             "from samples.json); its labels no longer describe it")
     return meta
 
 
@@ -200,57 +203,57 @@ def load_labels(files, meta: dict) -> torch.Tensor:
     for file in files:
         data = read_json(Path(file), "--labels")
         if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT or not isinstance(data.get("labels"), list):
-            common.fail(f"--labels {file}: not a {LABELS_FORMAT} file exported by label.html")
+            fail(f"--labels {file}: not a {LABELS_FORMAT} file exported by label.html")
         if data.get("samples_id") != meta["samples_id"] or len(data["labels"]) != k:
-            common.fail(f"--labels {file}: made for other samples (id {data.get('samples_id')}, "
-                        f"{len(data['labels'])} prompts), not samples {meta['samples_id']} ({k} prompts)")
+            fail(f"--labels {file}: made for other samples (id {data.get('samples_id')}, "
+                 f"{len(data['labels'])} prompts), not samples {meta['samples_id']} ({k} prompts)")
         for i, entry in enumerate(data["labels"]):
             if not isinstance(entry, dict) or entry.get("prompt") != meta["prompts"][i]:
-                common.fail(f"--labels {file}: entry {i} is not for prompt {meta['prompts'][i]!r}")
+                fail(f"--labels {file}: entry {i} is not for prompt {meta['prompts'][i]!r}")
             scores = entry.get("scores")
             if scores is None:
                 continue
             if (not isinstance(scores, list) or len(scores) != n or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
-                common.fail(f"--labels {file}: entry {i} needs {n} finite scores or null (got {scores!r})")
+                fail(f"--labels {file}: entry {i} needs {n} finite scores or null (got {scores!r})")
             total[i] += torch.tensor(scores, dtype=torch.float64)
             count[i] += 1
     scores = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
     if not (preferences(scores) != 0).any():
-        common.fail(f"--labels {' '.join(files)}: no prompt has a preferred image (all skipped or ties); nothing to train")
+        fail(f"--labels {' '.join(files)}: no prompt has a preferred image (all skipped or ties); nothing to train")
     return scores.float()
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=False)
+    prompts = runner.check_common_args(args, differentiable=False)
     if args.feedback not in ("reward", "human"):
-        common.fail(f"--feedback must be reward or human (got {args.feedback!r})")
+        fail(f"--feedback must be reward or human (got {args.feedback!r})")
     if args.feedback == "reward" and (args.phase or args.labels or args.samples):
-        common.fail("--phase, --samples and --labels belong to --feedback human")
+        fail("--phase, --samples and --labels belong to --feedback human")
     if args.feedback == "human" and args.phase not in ("sample", "train"):
-        common.fail(f"--feedback human needs --phase sample or --phase train (got {args.phase!r})")
+        fail(f"--feedback human needs --phase sample or --phase train (got {args.phase!r})")
     if args.samples_per_prompt < 2:
-        common.fail(f"--samples-per-prompt must be at least 2: a preference needs a pair (got {args.samples_per_prompt})")
+        fail(f"--samples-per-prompt must be at least 2: a preference needs a pair (got {args.samples_per_prompt})")
     if args.eta <= 0:
-        common.fail(f"--eta must be > 0: deterministic DDIM (eta = 0) has no pi_theta(x_t-1 | x_t) (got {args.eta})")
+        fail(f"--eta must be > 0: deterministic DDIM (eta = 0) has no pi_theta(x_t-1 | x_t) (got {args.eta})")
     if args.beta <= 0 or not 0 <= args.clip_range < 1:
-        common.fail(f"--beta must be > 0 and --clip-range in [0, 1) (got {args.beta}, {args.clip_range})")
+        fail(f"--beta must be > 0 and --clip-range in [0, 1) (got {args.beta}, {args.clip_range})")
     if args.grad_accum < 1 or args.num_prompts < 1:
-        common.fail("--grad-accum and --num-prompts must be at least 1")
+        fail("--grad-accum and --num-prompts must be at least 1")
     if args.ref_lora not in ("", "pretrained"):
         common.check_lora_file(args.ref_lora, args.lora_rank, args.lora_targets, "--ref-lora",
                                alpha=args.lora_alpha or args.lora_rank)  # at another scale it is another policy
     if args.phase == "sample":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            common.fail("--phase sample writes one set of samples: run it as one process, not under torchrun")
+            fail("--phase sample writes one set of samples: run it as one process, not under torchrun")
         if args.labels or args.samples:
-            common.fail("--phase sample writes new samples; --labels and --samples belong to --phase train")
+            fail("--phase sample writes new samples; --labels and --samples belong to --phase train")
         if args.run_dir and (Path(args.run_dir) / "samples.json").exists():
-            common.fail(f"--run-dir {args.run_dir} already holds samples (samples.json); choose another directory")
+            fail(f"--run-dir {args.run_dir} already holds samples (samples.json); choose another directory")
         return prompts, None
     if args.phase == "train":
         if not args.labels:
-            common.fail("--phase train needs --labels FILE [FILE ...] exported from label.html")
+            fail("--phase train needs --labels FILE [FILE ...] exported from label.html")
         meta = load_samples(args)
         return prompts, (meta, load_labels(args.labels, meta))
     return prompts, None
@@ -364,7 +367,7 @@ def to_png(image) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes):
-    common.write_atomic(path, lambda f: f.write(data))
+    runner.write_atomic(path, lambda f: f.write(data))
 
 
 def lora_id(path: str) -> str:
@@ -380,7 +383,7 @@ def lora_id(path: str) -> str:
 
 def write_samples(pipe, prompts, resolution: int, args: Args):
     """--phase sample: images, trajectories and label.html; samples.json last, so a crash leaves no usable half."""
-    run_dir = Path(args.run_dir) if args.run_dir else common.new_run_dir("d3po_samples", args.reward, args.seed)
+    run_dir = Path(args.run_dir) if args.run_dir else runner.new_run_dir("d3po_samples", args.reward, args.seed)
     chosen = [p for _ in range(-(-args.num_prompts // len(prompts))) for p in random.sample(prompts, len(prompts))]
     chosen = chosen[:args.num_prompts]
     uncond_one = common.encode_prompts(pipe, [""])
@@ -424,16 +427,16 @@ def train_flags(args: Args) -> str:
     drawn with (its shape too), wherever they differ from the defaults."""
     default = Args()
     names = (*SAMPLING_FLAGS, "init_lora", "lora_rank", "lora_alpha", "lora_targets")
-    return "".join(f" {common.flag(name)} {shlex.quote(str(getattr(args, name)))}" for name in names
+    return "".join(f" {flag(name)} {shlex.quote(str(getattr(args, name)))}" for name in names
                    if getattr(args, name) != getattr(default, name))
 
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts, human = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     if args.phase == "sample":
@@ -444,9 +447,9 @@ def main():
     ref_path = args.init_lora if args.ref_lora == "" else "" if args.ref_lora == "pretrained" else args.ref_lora
     ref_lora = {k: v.to(device) for k, v in common.read_lora(ref_path, "--ref-lora").items()} if ref_path else None
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    run = common.Run(__file__, args, pipe.unet, optimizer, device, name="d3po" if args.feedback == "reward" else "d3po_human")
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device, name="d3po" if args.feedback == "reward" else "d3po_human")
     uncond_one = common.encode_prompts(pipe, [""])
     T, n = args.num_steps, args.samples_per_prompt
 
@@ -465,8 +468,8 @@ def main():
         meta, label_scores = human
         stored = load_file(Path(args.samples) / "trajectories.safetensors")
         usable = [k for k in range(len(meta["prompts"])) if (preferences(label_scores[k:k + 1]) != 0).any()]
-        if len(usable) < common.WORLD:
-            common.fail(f"{len(usable)} labelled prompts with a preference, fewer than the {common.WORLD} ranks")
+        if len(usable) < distributed.WORLD:
+            fail(f"{len(usable)} labelled prompts with a preference, fewer than the {distributed.WORLD} ranks")
         queue = run.state.setdefault("queue", [])  # the prompts still to visit in this pass (checkpointed)
 
     samples_seen = run.last("samples_seen")
@@ -479,10 +482,10 @@ def main():
         scores_seen, prefs_seen, stats = [], [], {"loss": 0.0, "clip_frac": 0.0, "abs_log_ratio": 0.0}
         for _ in range(args.grad_accum):
             if human:  # lines 12-22 happened offline: the stored trajectories with the averaged label scores
-                take = min(args.batch_size, len(usable) // common.WORLD) * common.WORLD  # the global batch
+                take = min(args.batch_size, len(usable) // distributed.WORLD) * distributed.WORLD  # the global batch
                 while len(queue) < take:
                     queue += random.sample(usable, len(usable))
-                index = common.shard(queue[:take])  # this rank's share
+                index = distributed.shard(queue[:take])  # this rank's share
                 del queue[:take]
                 batch = [meta["prompts"][k] for k in index]
                 latents = stored["latents"][index].to(device)
@@ -490,7 +493,7 @@ def main():
                 scores = label_scores[index].to(device)
                 pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
             else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
-                batch = common.choices(prompts, args.batch_size)  # this rank's share
+                batch = distributed.choices(prompts, args.batch_size)  # this rank's share
                 latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),
                                                    uncond_one.expand(len(batch), -1, -1), n, resolution, args)
                 with torch.no_grad():
@@ -501,10 +504,10 @@ def main():
             micro = accumulate_gradients(pipe, latents, timesteps, cond, uncond_one.expand(len(batch), -1, -1),
                                          prefs, ref_lora, args)  # lines 24-33, all T timesteps
             stats = {k: stats[k] + micro[k] / (1 if k == "loss" else args.grad_accum) for k in stats}
-            scores_seen.append(common.gather(scores.flatten()))  # the global batch's, for the log and the guard
-            prefs_seen.append(common.gather(prefs.flatten()))
-            samples_seen += len(batch) * n * common.WORLD
-        common.average_gradients(params)  # over the ranks, before clipping
+            scores_seen.append(distributed.gather(scores.flatten()))  # the global batch's, for the log and the guard
+            prefs_seen.append(distributed.gather(prefs.flatten()))
+            samples_seen += len(batch) * n * distributed.WORLD
+        distributed.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         scores, prefs = torch.cat(scores_seen), torch.cat(prefs_seen)
         finite = scores[scores.isfinite()]  # human feedback: the averaged label scores (unlabelled: NaN)
@@ -514,9 +517,8 @@ def main():
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": finite.mean().item(), "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
-                **{k: common.mean_over_ranks(v) for k, v in stats.items()}, "tie_frac": (prefs == 0).float().mean().item(),
-                "grad_norm": grad_norm.item(),
-                "samples_seen": samples_seen}
+                **{k: distributed.mean_over_ranks(v) for k, v in stats.items()},
+                "tie_frac": (prefs == 0).float().mean().item(), "grad_norm": grad_norm.item(), "samples_seen": samples_seen}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

@@ -26,13 +26,16 @@ import numpy as np
 import torch
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 
 @dataclass
 class Args:
     estimator: str = "is"
     """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -141,35 +144,35 @@ class Args:
 
 def check_args(args: Args):
     if args.estimator not in ("sf", "is"):
-        common.fail(f"--estimator must be sf or is (got {args.estimator})")
+        fail(f"--estimator must be sf or is (got {args.estimator})")
     args.lr = args.lr or {"sf": 1e-2, "is": 1e-3}[args.estimator]  # resolved here, so args.json records it
-    prompts = common.check_common_args(args, differentiable=False)
+    prompts = runner.check_common_args(args, differentiable=False)
     if not 0 < args.eta <= 1:
-        common.fail(f"--eta must be in (0, 1]: at eta = 0 the DDIM step is deterministic and its log-prob "
-                    f"is undefined (got {args.eta})")
+        fail(f"--eta must be in (0, 1]: at eta = 0 the DDIM step is deterministic and its log-prob "
+             f"is undefined (got {args.eta})")
     if not args.cfg_training and args.guidance_scale != 1.0:
-        common.fail("--no-cfg-training with guidance would re-score with another policy than the one that sampled "
-                    "(the ratio is not 1); use --guidance-scale 1.0 with it, or keep CFG training (appendix G.1)")
+        fail("--no-cfg-training with guidance would re-score with another policy than the one that sampled "
+             "(the ratio is not 1); use --guidance-scale 1.0 with it, or keep CFG training (appendix G.1)")
     if args.clip_range <= 0:
-        common.fail(f"--clip-range must be positive (got {args.clip_range})")
+        fail(f"--clip-range must be positive (got {args.clip_range})")
     if not 0 < args.timestep_fraction <= 1:
-        common.fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+        fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
     for name in ("sample_batches", "samples_per_prompt", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
-        common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
-                    f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
+        fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
+             f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
     grad_accum = args.grad_accum or (args.sample_batches if args.estimator == "sf" else max(1, args.sample_batches // 4))
     if args.estimator == "sf" and (grad_accum != args.sample_batches or args.inner_epochs != 1):
-        common.fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
-                    "(= --sample-batches) and --inner-epochs at 1, or use --estimator is")
+        fail("--estimator sf is on-policy (eq. 3): exactly one update per round; leave --grad-accum at 0 "
+             "(= --sample-batches) and --inner-epochs at 1, or use --estimator is")
     if grad_accum < 0 or args.sample_batches % grad_accum:
-        common.fail(f"--grad-accum {grad_accum} must divide --sample-batches {args.sample_batches} "
-                    "(each update takes a whole number of sampling batches)")
+        fail(f"--grad-accum {grad_accum} must divide --sample-batches {args.sample_batches} "
+             "(each update takes a whole number of sampling batches)")
     for name in ("adv_clip_max", "grad_clip", "ratio_tol"):
         if getattr(args, name) <= 0:
-            common.fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+            fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     return prompts, grad_accum
 
 
@@ -234,18 +237,18 @@ def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts, grad_accum = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"ddpo_{args.estimator}"
-    run = common.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
     B, T = args.batch_size, args.num_steps
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     train_uncond = uncond if args.cfg_training else None
@@ -271,19 +274,19 @@ def main():
         # ALGO LOGIC: sampling round with the current policy, recording every transition (C.3's MDP)
         # The global round's prompts (every rank draws them; each samples its share of every batch), in groups
         # of --samples-per-prompt so that a prompt's rewards can be normalised among themselves (F.3).
-        n_round = B * args.sample_batches * common.WORLD
+        n_round = B * args.sample_batches * distributed.WORLD
         round_prompts = [p for p in random.choices(prompts, k=n_round // args.samples_per_prompt)
                          for _ in range(args.samples_per_prompt)]
         latents, log_probs, timesteps, conds, batch_prompts, reward_list = [], [], [], [], [], []
         for b in range(args.sample_batches):
-            batch_global = round_prompts[b * B * common.WORLD:(b + 1) * B * common.WORLD]
-            batch = common.shard(batch_global)
+            batch_global = round_prompts[b * B * distributed.WORLD:(b + 1) * B * distributed.WORLD]
+            batch = distributed.shard(batch_global)
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, B, resolution)
             with torch.no_grad():
                 out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
                                      eta=args.eta, record=True)
-                reward_list.append(common.gather(reward_fn(common.decode(pipe.vae, out.output), batch).float()))
+                reward_list.append(distributed.gather(reward_fn(common.decode(pipe.vae, out.output), batch).float()))
             latents.append(torch.stack(out.latents, dim=1))  # (B, T+1, C, h, w): x_T .. x_0
             log_probs.append(torch.stack(out.log_probs, dim=1))  # (B, T)
             timesteps.append(torch.stack([torch.as_tensor(t) for t in out.timesteps]).to(device).expand(B, T))
@@ -293,7 +296,7 @@ def main():
         reward_all = torch.cat(reward_list)  # the round's, all ranks' (with batch_prompts: the global round)
         run.guard(it, reward=reward_all)
         N = len(latents)  # this rank's samples; global sample index of each (batch, rank, row):
-        own = (torch.arange(N) // B) * B * common.WORLD + common.RANK * B + torch.arange(N) % B
+        own = (torch.arange(N) // B) * B * distributed.WORLD + distributed.RANK * B + torch.arange(N) % B
 
         # F.3: the normalised reward is the advantage of every step of its trajectory (the reward comes only
         # at t = 0 and there is no discount); clipped as ddpo-pytorch does.
@@ -311,13 +314,13 @@ def main():
         for _ in range(args.inner_epochs):
             # Drawn for the global round (the stream stays alike on every rank); this rank visits its own
             # samples in that order.
-            row_of = torch.full((N * common.WORLD,), -1)
+            row_of = torch.full((N * distributed.WORLD,), -1)
             row_of[own] = torch.arange(N)  # global sample index -> this rank's row, or -1
-            perm = row_of[torch.randperm(N * common.WORLD)]
+            perm = row_of[torch.randperm(N * distributed.WORLD)]
             perm = perm[perm >= 0].to(device)
             # Per-sample time shuffling (ddpo-pytorch): each row visits its steps in its own random order,
             # so one micro-batch mixes timesteps; with fraction < 1 the first n_train_t form the subset.
-            time_perm = torch.stack([torch.randperm(T) for _ in range(N * common.WORLD)])[own].to(device)
+            time_perm = torch.stack([torch.randperm(T) for _ in range(N * distributed.WORLD)])[own].to(device)
             for m in range(args.sample_batches):
                 idx = perm[m * B:(m + 1) * B]
                 for j in range(n_train_t):
@@ -343,7 +346,7 @@ def main():
                     stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().item())
                     stats["ratio"].append(ratio.mean().item())
                 if (m + 1) % micro_per_update == 0:
-                    common.average_gradients(params)  # over the ranks, before clipping
+                    distributed.average_gradients(params)  # over the ranks, before clipping
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
                     run.guard(it, loss=stats["loss"][-micro_per_update * n_train_t:], grad_norm=grad_norms[-1])
                     optimizer.step()
@@ -353,8 +356,9 @@ def main():
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(np.mean(stats["loss"])), "approx_kl": float(np.mean(stats["approx_kl"])),
-                "clipfrac": float(np.mean(stats["clipfrac"])), "ratio_mean": float(np.mean(stats["ratio"])),
+                "loss": distributed.mean_over_ranks(np.mean(stats["loss"])),
+                "approx_kl": float(np.mean(stats["approx_kl"])), "clipfrac": float(np.mean(stats["clipfrac"])),
+                "ratio_mean": float(np.mean(stats["ratio"])),
                 "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen,
                 "advantage_abs_mean": float(np.abs(round_advantages).mean())}
         run.log(row)

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 import torch
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 
 @dataclass
 class Args:
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -120,17 +123,17 @@ class Args:
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=True)
+    prompts = runner.check_common_args(args, differentiable=True)
     if args.K == 0 or args.K < -1:
-        common.fail(f"--K must be -1 (all steps) or at least 1 (got {args.K})")
+        fail(f"--K must be -1 (all steps) or at least 1 (got {args.K})")
     if args.lv < 0:
-        common.fail(f"--lv must be 0 (off) or a positive number of extra samples (got {args.lv})")
+        fail(f"--lv must be 0 (off) or a positive number of extra samples (got {args.lv})")
     if args.lv and args.K != 1:
-        common.fail(f"--lv {args.lv} is DRaFT-LV, which is defined for --K 1 only (got --K {args.K})")
+        fail(f"--lv {args.lv} is DRaFT-LV, which is defined for --K 1 only (got --K {args.K})")
     if args.kl_coeff < 0:
-        common.fail(f"--kl-coeff must be non-negative (got {args.kl_coeff})")
+        fail(f"--kl-coeff must be non-negative (got {args.kl_coeff})")
     if args.grad_accum < 1 or args.eval_size < 1:
-        common.fail("--grad-accum and --eval-size must be at least 1")
+        fail("--grad-accum and --eval-size must be at least 1")
     return prompts
 
 
@@ -153,7 +156,7 @@ def lv_terms(pipe, x0, cond, uncond, n: int, *, guidance_scale: float, eta: floa
     scheduler = pipe.scheduler
     t_last = scheduler.timesteps[-1]  # set by the rollout that produced x0
     alpha_bar = scheduler.alphas_cumprod[t_last].to(x0.device)
-    noise = torch.cat([common.randn(x0.shape, x0.device) for _ in range(n)])  # a fresh draw per copy
+    noise = torch.cat([distributed.randn(x0.shape, x0.device) for _ in range(n)])  # a fresh draw per copy
     x0 = x0.detach().repeat(n, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
     cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
@@ -190,17 +193,17 @@ def kl_to_pretrained(pipe, latents, timesteps, grad_steps, cond, uncond, guidanc
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    run = common.Run(__file__, args, pipe.unet, optimizer, device)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T, K = args.num_steps, args.K
 
@@ -222,7 +225,7 @@ def main():
 
         rewards_seen, loss_total, kl_total = [], 0.0, 0.0
         for _ in range(args.grad_accum):
-            batch = common.choices(prompts, args.batch_size)  # this rank's share
+            batch = distributed.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -247,18 +250,18 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
-        common.average_gradients(params)  # over the ranks, before clipping
+        distributed.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
+        reward_all = distributed.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum * common.WORLD
+        samples_seen += args.batch_size * args.grad_accum * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
-                "trained_steps": grad_steps}
+                "loss": distributed.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(),
+                "samples_seen": samples_seen, "trained_steps": grad_steps}
         if args.kl_coeff:
             row["kl"] = kl_total
         run.log(row)

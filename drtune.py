@@ -21,11 +21,14 @@ from dataclasses import dataclass
 import torch
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 
 @dataclass
 class Args:
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -114,13 +117,13 @@ class Args:
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=True)
+    prompts = runner.check_common_args(args, differentiable=True)
     if not 1 <= args.K <= args.num_steps:
-        common.fail(f"--K must be in [1, T = {args.num_steps}] (got {args.K})")
+        fail(f"--K must be in [1, T = {args.num_steps}] (got {args.K})")
     if not 1 <= args.early_stop < args.num_steps:
-        common.fail(f"--early-stop must be in [1, T - 1 = {args.num_steps - 1}] (got {args.early_stop})")
+        fail(f"--early-stop must be in [1, T - 1 = {args.num_steps - 1}] (got {args.early_stop})")
     if args.grad_accum < 1 or args.eval_size < 1:
-        common.fail("--grad-accum and --eval-size must be at least 1")
+        fail("--grad-accum and --eval-size must be at least 1")
     return prompts
 
 
@@ -142,17 +145,17 @@ def drtune_steps(T: int, K: int, m: int):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    run = common.Run(__file__, args, pipe.unet, optimizer, device)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T, K = args.num_steps, args.K
 
@@ -174,7 +177,7 @@ def main():
 
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum):
-            batch = common.choices(prompts, args.batch_size)  # this rank's share
+            batch = distributed.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -188,18 +191,18 @@ def main():
                 loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
-        common.average_gradients(params)  # over the ranks, before clipping
+        distributed.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
+        reward_all = distributed.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum * common.WORLD
+        samples_seen += args.batch_size * args.grad_accum * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
-                "t_min": T - stop_step, "trained_steps": grad_steps}
+                "loss": distributed.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(),
+                "samples_seen": samples_seen, "t_min": T - stop_step, "trained_steps": grad_steps}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

@@ -30,6 +30,9 @@ import torch
 from PIL import Image
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 # (phi, lambda) per reward when --phi / --lam are not given. ImageReward's are the original's (phi 2, lambda 1e-3:
 # a normalised score, about N(0, 1), with large gradients). For the others phi is at or above the best value the
@@ -45,7 +48,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class Args:
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -145,10 +148,10 @@ def read_pretrain_data(folder: str):
     """--pretrain-data -> [(image path, caption)], or a one-line error naming what is wrong."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        common.fail(f"--pretrain-data {folder}: no such folder")
+        fail(f"--pretrain-data {folder}: no such folder")
     metadata = root / "metadata.jsonl"
     if not metadata.is_file():
-        common.fail(f"--pretrain-data {folder}: no metadata.jsonl there (one {{\"file_name\", \"text\"}} per line)")
+        fail(f"--pretrain-data {folder}: no metadata.jsonl there (one {{\"file_name\", \"text\"}} per line)")
     pairs = []
     for n, line in enumerate(metadata.read_text().splitlines(), 1):
         if not line.strip():
@@ -157,25 +160,25 @@ def read_pretrain_data(folder: str):
             entry = json.loads(line)
             path, caption = root / entry["file_name"], str(entry["text"])
         except (ValueError, KeyError, TypeError):
-            common.fail(f"--pretrain-data {folder}: metadata.jsonl line {n} is not {{\"file_name\": ..., \"text\": ...}}")
+            fail(f"--pretrain-data {folder}: metadata.jsonl line {n} is not {{\"file_name\": ..., \"text\": ...}}")
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            common.fail(f"--pretrain-data {folder}: metadata.jsonl line {n} names {entry['file_name']}, not an image there")
+            fail(f"--pretrain-data {folder}: metadata.jsonl line {n} names {entry['file_name']}, not an image there")
         pairs.append((path, caption))
     if not pairs:
-        common.fail(f"--pretrain-data {folder}: metadata.jsonl lists no images")
+        fail(f"--pretrain-data {folder}: metadata.jsonl lists no images")
     return pairs
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=True)
+    prompts = runner.check_common_args(args, differentiable=True)
     if not 1 <= args.t1 <= args.t2 <= args.num_steps:
-        common.fail(f"--t1/--t2: need 1 <= T1 <= T2 <= T = {args.num_steps} (got [{args.t1}, {args.t2}])")
+        fail(f"--t1/--t2: need 1 <= T1 <= T2 <= T = {args.num_steps} (got [{args.t1}, {args.t2}])")
     if (args.lam is not None and args.lam <= 0) or args.pretrain_weight < 0:
-        common.fail("--lam must be positive and --pretrain-weight non-negative")
+        fail("--lam must be positive and --pretrain-weight non-negative")
     if (args.phi is None or args.lam is None) and args.reward not in REWARD_DEFAULTS:
-        common.fail(f"--reward {args.reward} has no default phi and lambda; pass --phi and --lam")
+        fail(f"--reward {args.reward} has no default phi and lambda; pass --phi and --lam")
     if args.grad_accum < 1 or args.eval_size < 1:
-        common.fail("--grad-accum and --eval-size must be at least 1")
+        fail("--grad-accum and --eval-size must be at least 1")
     return prompts, (read_pretrain_data(args.pretrain_data) if args.pretrain_data else [])
 
 
@@ -204,12 +207,12 @@ def load_images(paths, resolution: int):
 def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
     """The pre-training loss: noise-prediction MSE at a uniform random t on real captioned images."""
     scheduler, unet = pipe.scheduler, pipe.unet
-    chosen = common.choices(pairs, batch_size)
+    chosen = distributed.choices(pairs, batch_size)
     images = load_images([p for p, _ in chosen], resolution).to(unet.device)
     latents = common.encode_images(pipe.vae, images)
     cond = common.encode_prompts(pipe, [c for _, c in chosen])
-    noise = common.randn(latents.shape, latents.device)
-    t = common.randint(scheduler.config.num_train_timesteps, batch_size, latents.device)
+    noise = distributed.randn(latents.shape, latents.device)
+    t = distributed.randint(scheduler.config.num_train_timesteps, batch_size, latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, t)
@@ -221,17 +224,17 @@ def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts, pretrain_pairs = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
-    run = common.Run(__file__, args, pipe.unet, optimizer, device)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device)
     uncond = common.encode_prompts(pipe, [""]).expand(args.batch_size, -1, -1)
     T = args.num_steps
     phi, lam = REWARD_DEFAULTS.get(args.reward, (args.phi, args.lam))
@@ -255,7 +258,7 @@ def main():
 
         rewards_seen, loss_total, pretrain_total = [], 0.0, 0.0
         for _ in range(args.grad_accum):
-            batch = common.choices(prompts, args.batch_size)  # this rank's share
+            batch = distributed.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
@@ -272,18 +275,18 @@ def main():
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
-        common.average_gradients(params)  # over the ranks, before clipping
+        distributed.average_gradients(params)  # over the ranks, before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        reward_all = common.gather(torch.cat(rewards_seen))  # the global batch's
+        reward_all = distributed.gather(torch.cat(rewards_seen))  # the global batch's
         run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += args.batch_size * args.grad_accum * common.WORLD
+        samples_seen += args.batch_size * args.grad_accum * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(), "samples_seen": samples_seen,
-                "t_stop": T - stop_step, "trained_steps": grad_steps}
+                "loss": distributed.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(),
+                "samples_seen": samples_seen, "t_stop": T - stop_step, "trained_steps": grad_steps}
         if pretrain_pairs:
             row["pretrain_loss"] = pretrain_total
         run.log(row)

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-TOY_CLIP = str(Path(__file__).resolve().parent / "toyworld" / "clip")  # the toy world's CLIP (default)
+import hub
+from hub import TOY_CLIP, fail  # TOY_CLIP: the default CLIP of the rewards below
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -500,8 +502,6 @@ _TERM = re.compile(r"\s*(?:([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?
 
 def parse(spec: str) -> list[tuple[float, str]]:
     """`--reward` as [(weight, name)]: terms `[weight*]name` joined by `+`, e.g. `aesthetic+-0.1*brightness`."""
-    from common import fail
-
     terms, pos = [], 0
     while True:
         match = _TERM.match(spec, pos)
@@ -535,8 +535,6 @@ def _import(module: str):
 
 def _user_reward(name: str):
     """The function of `module:function` or `path/to/file.py:function`, and whether it says it is differentiable."""
-    from common import fail
-
     module, _, attr = name.rpartition(":")
     if not module or not attr.isidentifier():
         fail(f"--reward {name}: a user reward is module:function or path/to/file.py:function")
@@ -554,8 +552,6 @@ def _user_reward(name: str):
 def _user_scores(name: str, value, n: int, device) -> torch.Tensor:
     """A user's reward must give one score per image. Anything else (a float, a (N, 1) tensor) would end in a
     traceback deep in the training loop, or worse broadcast silently against the other terms of a sum."""
-    from common import fail
-
     try:
         scores = torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError):
@@ -575,8 +571,6 @@ def _user_scores(name: str, value, n: int, device) -> torch.Tensor:
 
 def _split_reward_model(value: str | None, spec: str, names: list[str]) -> dict:
     """--reward-model as {reward: weights}: one value for the only pretrained term, or name=path,name=path."""
-    from common import fail
-
     pretrained = [name for name in dict.fromkeys(names) if name in WEIGHTS]
     if not value:
         return {}
@@ -603,8 +597,6 @@ def _split_reward_model(value: str | None, spec: str, names: list[str]) -> dict:
 def _resolve_weights(name: str, value: str | None) -> str:
     """Find the weights of the pretrained reward `name` without loading them; returns its `reward_model`: a local
     file or folder, the cached snapshot of a hub id, or the hub id itself when the Hub is reachable."""
-    from common import _hub_reachable, fail
-
     default, files = WEIGHTS[name]
     where = value or default
     label = f"--reward-model {where}" if value else f"--reward {name}: its weights {where}"
@@ -624,14 +616,14 @@ def _resolve_weights(name: str, value: str | None) -> str:
     else:
         found = [_cached(where, file) for file in needed]
         if not all(found):
-            if _hub_reachable():
+            if hub.reachable():
                 return where
             which = "" if needed == ["config.json"] else " " + " ".join(needed)
             fail(f"{label}: not in the local Hugging Face cache and the Hub cannot be reached; download it where "
                  f"there is network (`hf download {where}{which}`) or pass a local copy with --reward-model")
         folder = Path(found[0]).parent
     for file, repo in (f for f in files if not isinstance(f, str)):
-        if not (folder / file).is_file() and not _cached(repo, file) and not _hub_reachable():
+        if not (folder / file).is_file() and not _cached(repo, file) and not hub.reachable():
             fail(f"--reward {name}: {folder} has no {file} and {repo} is not in the local Hugging Face cache (the Hub "
                  f"cannot be reached); put {repo}'s {file} there, or download it where there is network "
                  f"(`hf download {repo} --include '*.json' '*.txt'`)")
@@ -639,8 +631,6 @@ def _resolve_weights(name: str, value: str | None) -> str:
 
 
 def _require_open_clip():
-    from common import fail
-
     try:
         import open_clip  # noqa: F401
     except Exception as error:  # not installed, or installed beside a torchvision that does not load with this torch
@@ -648,8 +638,6 @@ def _require_open_clip():
 
 
 def _check_aesthetic_backbone(clip_model: str, folder: str):
-    from common import fail
-
     config = Path(folder) / "config.json"
     if config.is_file():
         width = json.loads(config.read_text()).get("projection_dim", 512)  # CLIPConfig's default when absent
@@ -660,8 +648,6 @@ def _check_aesthetic_backbone(clip_model: str, folder: str):
 
 def _plan(spec, clip_model, clip_weight, reward_model, reward_query):
     """Validate `spec` and find everything it needs: ([(weight, name, function, options)], differentiable)."""
-    from common import fail, resolve_clip
-
     terms = parse(spec)
     names = [name for _, name in terms]
     chosen = _split_reward_model(reward_model, spec, names)
@@ -676,7 +662,7 @@ def _plan(spec, clip_model, clip_weight, reward_model, reward_query):
             fn, term_differentiable = REWARDS[name][0], REWARDS[name][1]
             taken = inspect.signature(fn).parameters
             if "clip_model" in taken and ("clip_weight" not in taken or clip_weight > 0):
-                options["clip_model"] = resolve_clip(clip_model)
+                options["clip_model"] = hub.resolve_clip(clip_model)
             if "clip_weight" in taken:
                 options["clip_weight"] = clip_weight
             if name == "aesthetic":

@@ -29,13 +29,16 @@ import numpy as np
 import torch
 
 import common
+import distributed
+import runner
+from hub import TOY_MODEL, fail
 
 
 @dataclass
 class Args:
     weighting: str = "softmax"
     """softmax: w = n * softmax(beta r) per prompt (w_RWR); sparse: keep the top of each prompt (w_sparse)"""
-    model: str = common.TOY_MODEL
+    model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
     vae: str = ""
     """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
@@ -130,21 +133,21 @@ class Args:
 
 
 def check_args(args: Args):
-    prompts = common.check_common_args(args, differentiable=False)
+    prompts = runner.check_common_args(args, differentiable=False)
     if args.weighting not in ("softmax", "sparse"):
-        common.fail(f"--weighting must be softmax or sparse (got {args.weighting})")
+        fail(f"--weighting must be softmax or sparse (got {args.weighting})")
     if not 0 <= args.eta <= 1:
-        common.fail(f"--eta must be in [0, 1] (got {args.eta})")
+        fail(f"--eta must be in [0, 1] (got {args.eta})")
     if not 0 < args.percentile < 100:
-        common.fail(f"--percentile must be in (0, 100) (got {args.percentile})")
+        fail(f"--percentile must be in (0, 100) (got {args.percentile})")
     for name in ("sample_batches", "samples_per_prompt", "grad_accum", "updates_per_round", "eval_size"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if (args.batch_size * args.sample_batches) % args.samples_per_prompt:
-        common.fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
-                    f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
+        fail(f"--samples-per-prompt {args.samples_per_prompt} must divide the samples per round "
+             f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
     if args.inverse_temperature <= 0:
-        common.fail(f"--inverse-temperature must be positive (got {args.inverse_temperature})")
+        fail(f"--inverse-temperature must be positive (got {args.inverse_temperature})")
     return prompts
 
 
@@ -191,18 +194,18 @@ def weighted_denoising_loss(prediction, target, weights):
 
 def main():
     # TRY NOT TO MODIFY: setup
-    args = common.parse_args(Args, __file__)
+    args = runner.parse_args(Args, __file__)
     prompts = check_args(args)
-    device, dtype = common.setup_device(args.device, args.dtype, args.threads)
-    common.seed_everything(args.seed)
+    device, dtype = runner.setup_device(args.device, args.dtype, args.threads)
+    runner.seed_everything(args.seed)
     pipe = common.load_pipeline(args.model, dtype, device, args.vae)
     resolution = args.resolution or common.native_resolution(pipe)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = common.reward_function(args, device, dtype)
-    eval_set = common.eval_prompts(args.prompts, prompts, args.eval_size)
+    reward_fn = runner.reward_function(args, device, dtype)
+    eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
     run_name = f"rwr_{args.weighting}"
-    run = common.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
     B, T, scheduler = args.batch_size, args.num_steps, pipe.scheduler
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     N = B * args.sample_batches
@@ -226,9 +229,9 @@ def main():
 
         # ALGO LOGIC: a round of data from the current model. Prompts come in groups so that every prompt has
         # several samples to be weighted against (F.3's per-prompt normalisation needs more than one).
-        round_prompts = [p for p in random.choices(prompts, k=N * common.WORLD // args.samples_per_prompt)
+        round_prompts = [p for p in random.choices(prompts, k=N * distributed.WORLD // args.samples_per_prompt)
                          for _ in range(args.samples_per_prompt)]  # the global round; this rank samples its share
-        local_prompts = common.shard(round_prompts)
+        local_prompts = distributed.shard(round_prompts)
         x0, conds, reward_list = [], [], []
         for b in range(args.sample_batches):
             batch = local_prompts[b * B:(b + 1) * B]
@@ -242,18 +245,18 @@ def main():
             # and re-encoded them): the same data without the VAE's reconstruction error.
             x0.append(out)
             conds.append(cond)
-        x0, conds, reward_all = torch.cat(x0), torch.cat(conds), common.gather(torch.cat(reward_list))
+        x0, conds, reward_all = torch.cat(x0), torch.cat(conds), distributed.gather(torch.cat(reward_list))
         run.guard(it, reward=reward_all)  # the round's rewards, all ranks', in the order of round_prompts
 
         if args.weighting == "softmax":
             weights = softmax_weights(reward_all.cpu(), round_prompts, args.inverse_temperature, args.normalize)
         else:
             weights = sparse_weights(reward_all.cpu(), round_prompts, args.percentile)
-        weights = common.shard(torch.as_tensor(weights, dtype=torch.float32)).to(device)  # this rank's samples'
+        weights = distributed.shard(torch.as_tensor(weights, dtype=torch.float32)).to(device)  # this rank's samples'
         kept = torch.nonzero(weights > 0).squeeze(1)  # sparse: the discarded samples are never trained on
         # Ranks keep different numbers of samples: each shuffles its own with a generator of its own, seeded from
         # the shared stream (which every rank must consume alike).
-        order_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + common.RANK)
+        order_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + distributed.RANK)
 
         # ALGO LOGIC: weighted denoising updates, cycling through the kept samples in shuffled order
         order, losses, grad_norms = torch.empty(0, dtype=torch.long, device=device), [], []
@@ -264,8 +267,8 @@ def main():
                 idx, order = order[:B], order[B:]
                 # Eq. 1: noise the sample to a uniformly random training timestep and regress the noise
                 # (or v, for a v-prediction model) from the guided output (G.1).
-                t = common.randint(scheduler.config.num_train_timesteps, B, device)
-                noise = common.randn(x0[idx].shape, device)
+                t = distributed.randint(scheduler.config.num_train_timesteps, B, device)
+                noise = distributed.randn(x0[idx].shape, device)
                 x_t = scheduler.add_noise(x0[idx], noise, t)
                 target = (scheduler.get_velocity(x0[idx], noise, t)
                           if scheduler.config.prediction_type == "v_prediction" else noise)
@@ -274,16 +277,16 @@ def main():
                 loss = weighted_denoising_loss(pred, target, weights[idx])
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
-            common.average_gradients(params)  # over the ranks, before clipping
+            distributed.average_gradients(params)  # over the ranks, before clipping
             grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
             run.guard(it, loss=losses[-args.grad_accum:], grad_norm=grad_norms[-1])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        samples_seen += N * common.WORLD
+        samples_seen += N * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
-                "loss": common.mean_over_ranks(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
+                "loss": distributed.mean_over_ranks(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary

@@ -36,6 +36,8 @@ from torch.utils.flop_counter import flop_registry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import hub  # noqa: E402
+import runner  # noqa: E402
 from benchmarks import sd_arch  # noqa: E402
 
 # name -> (script, its flags). Names of one script share its stem, so --methods ddpo selects both DDPO variants.
@@ -94,12 +96,12 @@ try:
     if count:  # the math attention path: there is no FLOP formula for the CPU flash-attention kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from benchmarks.gpu import FlopCount
-        import common
+        import runner
         counter, stats["flops_at_rows"] = FlopCount(), []
-        def log(self, row, _log=common.Run.log):  # the running count at every metrics row
+        def log(self, row, _log=runner.Run.log):  # the running count at every metrics row
             _log(self, row)
             stats["flops_at_rows"].append(counter.total)
-        common.Run.log = log
+        runner.Run.log = log
         with sdpa_kernel(SDPBackend.MATH), counter:
             runpy.run_path(script, run_name="__main__")
         stats["flops"] = counter.total
@@ -187,32 +189,32 @@ def settle(args: Args) -> Args:
         setattr(args, name, getattr(args, name).replace(" ", ""))
     unknown = [m for m in args.methods.split(",") if m and not selected([m])]
     if unknown:
-        common.fail(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)} or a script name")
+        hub.fail(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)} or a script name")
     for name in ("batches", "rollout_batches"):
         if not re.fullmatch(r"[1-9][0-9]*(,[1-9][0-9]*)*", getattr(args, name)):
-            common.fail(f"--{name.replace('_', '-')} must be positive integers separated by commas "
-                        f"(got {getattr(args, name)!r})")
+            hub.fail(f"--{name.replace('_', '-')} must be positive integers separated by commas "
+                     f"(got {getattr(args, name)!r})")
     number = r"[0-9]+(\.[0-9]*)?"
     if not re.fullmatch(f"{number}(,{number})*", args.caps) or any(float(c) <= 0 for c in args.caps.split(",")):
-        common.fail(f"--caps must be positive numbers (GiB) separated by commas (got {args.caps!r})")
+        hub.fail(f"--caps must be positive numbers (GiB) separated by commas (got {args.caps!r})")
     if args.iters < 2:
-        common.fail(f"--iters must be at least 2: the first iteration holds the start-up and is not timed "
-                    f"(got {args.iters})")
+        hub.fail(f"--iters must be at least 2: the first iteration holds the start-up and is not timed "
+                 f"(got {args.iters})")
     if args.rollout_repeats < 1 or args.timeout < 1 or args.threads < 0 or args.peak_tflops < 0:
-        common.fail("--rollout-repeats and --timeout must be at least 1, --threads and --peak-tflops non-negative")
+        hub.fail("--rollout-repeats and --timeout must be at least 1, --threads and --peak-tflops non-negative")
     if args.resolution < 8 or args.resolution % 8 or args.num_steps < 5:
-        common.fail(f"--resolution must be a multiple of 8 and --num-steps at least 5 (DRTune K = 5, ReFL's stop "
-                    f"range) (got {args.resolution}, {args.num_steps})")
+        hub.fail(f"--resolution must be a multiple of 8 and --num-steps at least 5 (DRTune K = 5, ReFL's stop "
+                 f"range) (got {args.resolution}, {args.num_steps})")
     if args.dtype not in ("bf16", "fp16", "fp32"):
-        common.fail(f"--dtype must be bf16, fp16 or fp32 (got {args.dtype})")
+        hub.fail(f"--dtype must be bf16, fp16 or fp32 (got {args.dtype})")
     if not (args.device == "cpu" or re.fullmatch(r"cuda(:[0-9]+)?", args.device)):
-        common.fail(f"--device must be cpu, cuda or cuda:N (got {args.device})")
+        hub.fail(f"--device must be cpu, cuda or cuda:N (got {args.device})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        common.fail(f"--device {args.device}: CUDA is not available here; --small runs the benchmark on the CPU")
+        hub.fail(f"--device {args.device}: CUDA is not available here; --small runs the benchmark on the CPU")
     if args.model and not (Path(args.model) / "model_index.json").is_file():
-        common.fail(f"--model {args.model}: no model_index.json there; pass a diffusers Stable Diffusion folder")
+        hub.fail(f"--model {args.model}: no model_index.json there; pass a diffusers Stable Diffusion folder")
     if not args.model and args.arch not in ("sd15", "tiny"):  # the FLOP model covers SD 1.x/2.x UNets, not SDXL's
-        common.fail(f"--arch {args.arch}: gpu.py benchmarks sd15 or tiny (its FLOP model has no SDXL UNet yet)")
+        hub.fail(f"--arch {args.arch}: gpu.py benchmarks sd15 or tiny (its FLOP model has no SDXL UNet yet)")
     return args
 
 
@@ -592,7 +594,7 @@ def bench_rollout(model: str, args: Args, flops: dict, caps: list[float]) -> dic
     cuda = args.device.startswith("cuda")
     pipe = common.load_pipeline(model, dtype, args.device)
     common.add_lora(pipe.unet, 4)
-    prompts = common.load_prompts("simple_animals")
+    prompts = runner.load_prompts("simple_animals")
     uncond = common.encode_prompts(pipe, [""])
     guided = 2 if args.guidance_scale != 1 else 1
     per_image = args.num_steps * guided * flops["unet_forward"] + flops["vae_decode"]
@@ -737,7 +739,7 @@ def main():
     variants = selected([m for m in args.methods.split(",") if m])
     root = Path(args.work_dir or tempfile.gettempdir())
     if not args.model and args.arch == "sd15" and shutil.disk_usage(root if root.exists() else "/").free < 4e9:
-        common.fail(f"--work-dir {root}: less than 4 GB free for the 2.1 GB model and the runs")
+        hub.fail(f"--work-dir {root}: less than 4 GB free for the 2.1 GB model and the runs")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sdbench-", dir=root))
@@ -750,7 +752,7 @@ def main():
         try:
             unet_layers(unet_config, 8, 8, 77)
         except ValueError as e:
-            common.fail(f"--model {model}: {e}")
+            hub.fail(f"--model {model}: {e}")
         checks = check_unet_count(unet_config, *latent_shape(vae_config, args.resolution)[1:])
         for what, (analytic, counted) in checks.items():
             if abs(analytic / counted - 1) > 0.01:

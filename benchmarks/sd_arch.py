@@ -38,6 +38,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import hub  # noqa: E402
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
@@ -177,9 +178,9 @@ NATIVE_RESOLUTION = {"sd15": 512, "tiny": common.EMBEDDED_RESOLUTION, "sdxl": 10
 def build(arch: str, out: str, seed: int = 0, tokenizer_dir: str = "") -> str:
     """Write architecture `arch` to folder `out` (created); returns `out`. The importable entry point."""
     if arch not in ARCHS:
-        common.fail(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
+        hub.fail(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
     if tokenizer_dir and not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        common.fail(f"--tokenizer {tokenizer_dir}: no tokenizer_config.json there; pass a CLIP tokenizer folder")
+        hub.fail(f"--tokenizer {tokenizer_dir}: no tokenizer_config.json there; pass a CLIP tokenizer folder")
     Path(out).mkdir(parents=True, exist_ok=True)
     ARCHS[arch](str(out), seed, tokenizer_dir)
     return str(out)
@@ -228,11 +229,11 @@ class Args:
 def main():
     args = tyro.cli(Args)
     if not args.out:
-        common.fail("--out DIR is required: the folder to write the model to")
+        hub.fail("--out DIR is required: the folder to write the model to")
     if (Path(args.out) / "model_index.json").exists():
-        common.fail(f"--out {args.out} already holds a model (model_index.json); choose another folder")
+        hub.fail(f"--out {args.out} already holds a model (model_index.json); choose another folder")
     if args.check_resolution < 8 or args.check_resolution % 8:
-        common.fail(f"--check-resolution must be a positive multiple of 8 (got {args.check_resolution})")
+        hub.fail(f"--check-resolution must be a positive multiple of 8 (got {args.check_resolution})")
     build(args.arch, args.out, args.seed, args.tokenizer)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file()) / 1e9
     print(f"sd_arch: {args.arch} written to {args.out} ({size:.2f} GB)")

@@ -11,13 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import common  # noqa: E402
+import hub  # noqa: E402
 
 
 @pytest.fixture
 def pipe():
     """The embedded tiny Stable Diffusion, loaded through the same code path as any model."""
     torch.manual_seed(0)
-    return common.load_pipeline(common.EMBEDDED_MODEL)
+    return common.load_pipeline(hub.EMBEDDED_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import torch
 
 import common
 import rewards
+import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny budget for every run: 2 updates of 2 images, 2 eval prompts; one thread (a shared CPU makes
@@ -140,6 +141,6 @@ def check_run_dir(run_dir, iters: int):
     assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[:-1])
     assert (Path(run_dir) / "pytorch_lora_weights.safetensors").is_file()
-    checkpoint = common.load_checkpoint(run_dir)
+    checkpoint = runner.load_checkpoint(run_dir)
     assert checkpoint["iter"] == iters and checkpoint["rows"] == rows
     return rows[:-1]

@@ -14,6 +14,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import common
+import distributed
+import hub
+import runner
 
 
 def make_scheduler(prediction_type="epsilon", set_alpha_to_one=False, steps=10):
@@ -172,7 +175,7 @@ def test_same_seed_gives_identical_rollouts(pipe):
     cond = common.encode_prompts(pipe, ["a cat"])
     outs = []
     for _ in range(2):
-        common.seed_everything(3)
+        runner.seed_everything(3)
         with torch.no_grad():
             outs.append(common.rollout(pipe, cond, None, common.initial_latents(pipe, 1, 32), num_steps=4,
                                        guidance_scale=1.0, eta=1.0).output)
@@ -267,7 +270,7 @@ def test_saved_lora_loads_with_diffusers_load_lora_weights(embedded_dir, tmp_pat
     pipe = common.load_pipeline(str(embedded_dir))
     for p in common.add_lora(pipe.unet, 4, alpha=16):  # alpha != rank: the file must carry the scale
         torch.nn.init.normal_(p, std=0.1)
-    common.save_lora(pipe.unet, tmp_path)
+    runner.save_lora(pipe.unet, tmp_path)
     fresh = StableDiffusionPipeline.from_pretrained(str(embedded_dir))
     fresh.load_lora_weights(str(tmp_path))
     x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(pipe, ["a cat"])
@@ -279,12 +282,12 @@ def test_saved_lora_loads_with_diffusers_load_lora_weights(embedded_dir, tmp_pat
 
 
 def test_prompt_sets_and_user_files(tmp_path, capsys):
-    assert len(common.load_prompts("simple_animals")) == 45
-    assert len(common.load_prompts("imagenet_animals")) == 398
+    assert len(runner.load_prompts("simple_animals")) == 45
+    assert len(runner.load_prompts("imagenet_animals")) == 398
     (tmp_path / "p.txt").write_text("a red fox\n\n  a blue whale \n")
-    assert common.load_prompts(str(tmp_path / "p.txt")) == ["a red fox", "a blue whale"]
+    assert runner.load_prompts(str(tmp_path / "p.txt")) == ["a red fox", "a blue whale"]
     with pytest.raises(SystemExit):
-        common.load_prompts(str(tmp_path / "missing.txt"))
+        runner.load_prompts(str(tmp_path / "missing.txt"))
     assert "missing.txt" in capsys.readouterr().err
 
 
@@ -302,14 +305,14 @@ def test_evaluate_is_deterministic_and_independent_of_the_global_seed(pipe):
 
 def test_eval_prompts_are_spread_and_fixed():
     prompts = [f"p{i}" for i in range(10)]
-    assert common.eval_prompts("my.txt", prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
-    assert common.eval_prompts("my.txt", prompts[:2], 3) == ["p0", "p1", "p0"]
-    assert common.eval_prompts("my.txt", prompts, 10) == prompts
+    assert runner.eval_prompts("my.txt", prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
+    assert runner.eval_prompts("my.txt", prompts[:2], 3) == ["p0", "p1", "p0"]
+    assert runner.eval_prompts("my.txt", prompts, 10) == prompts
 
 
 def test_toy_prompts_evaluate_on_their_held_out_companion_set():
-    train, held_out = common.load_prompts("toy"), common.load_prompts("toy_eval")
-    chosen = common.eval_prompts("toy", train, 8)
+    train, held_out = runner.load_prompts("toy"), runner.load_prompts("toy_eval")
+    chosen = runner.eval_prompts("toy", train, 8)
     assert chosen == held_out * 2 and not set(chosen) & set(train)
 
 
@@ -363,7 +366,7 @@ def test_a_run_killed_mid_way_resumes_to_exactly_the_uninterrupted_run(method, t
     uninterrupted, crashed = (finish(p) for p in runs)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     assert crashed.returncode == -signal.SIGKILL  # SIGKILLed by its reward, mid-iteration
-    done = common.load_checkpoint(killed)["iter"]
+    done = runner.load_checkpoint(killed)["iter"]
     assert 0 < done < 5 and len(metrics(killed)) >= done  # the rows of an unfinished iteration may be there
     resumed = finish(launch(script, "--resume", str(killed)))
     assert resumed.returncode == 0, resumed.stderr
@@ -431,7 +434,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_with_the_resume_hint(tmp_path
     assert process.returncode == 130 and "Traceback" not in rest and len(lines) == 1, rest
     assert "stopped at once" in lines[0] and "(after 1 iteration)" in lines[0]
     assert lines[0].endswith(f"continue with: python drtune.py --resume {run}")
-    assert common.load_checkpoint(run)["iter"] == 1
+    assert runner.load_checkpoint(run)["iter"] == 1
 
 
 def test_a_second_ctrl_c_while_the_graceful_stop_writes_its_checkpoint_is_one_line(pipe, tmp_path, monkeypatch,
@@ -439,7 +442,7 @@ def test_a_second_ctrl_c_while_the_graceful_stop_writes_its_checkpoint_is_one_li
     import drtune
 
     params = common.add_lora(pipe.unet, 2)
-    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run"), iters=5, save_every=0), pipe.unet,
+    run = runner.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run"), iters=5, save_every=0), pipe.unet,
                      torch.optim.AdamW(params, lr=0.1), "cpu")
     before = signal.getsignal(signal.SIGINT)
     for it in run.iterations():
@@ -471,7 +474,7 @@ def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_ex
     stopped.send_signal(signal.SIGINT)
     result = finish(stopped)
     assert result.returncode == 130 and f"--resume {tmp_path / 'stopped'}" in result.stderr
-    done = common.load_checkpoint(tmp_path / "stopped")["iter"]
+    done = runner.load_checkpoint(tmp_path / "stopped")["iter"]
     assert f"stopped after {done} of 40 iterations" in result.stderr  # counted as done, as the progress line counts
     assert 2 <= done < 40 and len(metrics(tmp_path / "stopped")) == done  # the iteration finished, then it stopped
     assert finish(launch(script, "--resume", str(tmp_path / "stopped"))).returncode == 0
@@ -485,10 +488,10 @@ def test_a_checkpoint_write_interrupted_at_any_stage_leaves_the_previous_one_loa
     params = common.add_lora(pipe.unet, 2)
     optimizer = torch.optim.AdamW(params, lr=0.1)
     args = drtune.Args(run_dir=str(tmp_path / "run"))
-    run = common.Run("drtune.py", args, pipe.unet, optimizer, "cpu")
+    run = runner.Run("drtune.py", args, pipe.unet, optimizer, "cpu")
     run.next_iter = 1
     run.save()
-    before = common.load_checkpoint(tmp_path / "run")
+    before = runner.load_checkpoint(tmp_path / "run")
 
     def explode(*a, **k):
         raise OSError("disk gone")
@@ -504,13 +507,13 @@ def test_a_checkpoint_write_interrupted_at_any_stage_leaves_the_previous_one_loa
             run.next_iter += 1
             with pytest.raises(OSError):
                 run.save()
-        after = common.load_checkpoint(tmp_path / "run")
+        after = runner.load_checkpoint(tmp_path / "run")
         assert after["iter"] == before["iter"] and all(torch.equal(after["lora"][k], before["lora"][k])
                                                         for k in before["lora"])
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
             "args.json", "checkpoint.pt", "metrics.jsonl", "pytorch_lora_weights.safetensors"]  # no leftovers
     run.save()  # and the next write goes through
-    assert common.load_checkpoint(tmp_path / "run")["iter"] == run.next_iter
+    assert runner.load_checkpoint(tmp_path / "run")["iter"] == run.next_iter
 
 
 def test_the_nan_guard_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -521,7 +524,7 @@ def test_the_nan_guard_stops_before_the_update_and_keeps_the_last_good_checkpoin
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "iteration 3: non-finite reward (nan)" in lines[0] and "(after 3 iterations)" in lines[0]
-    checkpoint = common.load_checkpoint(tmp_path / "run")
+    checkpoint = runner.load_checkpoint(tmp_path / "run")
     assert checkpoint["iter"] == 3 and [r["iter"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
     weights = lora(tmp_path / "run")
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -531,7 +534,7 @@ def test_non_finite_weights_are_never_saved(pipe, tmp_path, capsys):
     import drtune
 
     params = common.add_lora(pipe.unet, 2)
-    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
+    run = runner.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
                      torch.optim.AdamW(params, lr=0.1), "cpu")
     run.next_iter = 1
     run.save()
@@ -555,11 +558,11 @@ def test_resume_refuses_a_changed_run_and_allows_a_longer_one(tmp_path, capsys, 
     for changed in (["--lr", "0.5"], ["--K", "3"], ["--lora-rank", "2"], ["--reward", "brightness"]):
         monkeypatch.setattr(sys, "argv", ["drtune.py", "--resume", str(run), *changed])
         with pytest.raises(SystemExit) as stop:
-            common.parse_args(drtune.Args, "drtune.py")
+            runner.parse_args(drtune.Args, "drtune.py")
         err = capsys.readouterr().err.strip()
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and changed[0] in err and "would change" in err
     monkeypatch.setattr(sys, "argv", ["drtune.py", "--resume", str(run), "--iters", "3", "--eval-every", "1"])
-    args = common.parse_args(drtune.Args, "drtune.py")
+    args = runner.parse_args(drtune.Args, "drtune.py")
     assert args.iters == 3 and args.run_dir == str(run) and args.K == 2
     longer = finish(launch(script, "--resume", str(run), "--iters", "3"))
     assert longer.returncode == 0, longer.stderr
@@ -592,7 +595,7 @@ def test_init_lora_starts_from_a_saved_lora_with_a_fresh_optimizer(tmp_path):
     assert result.returncode == 0, result.stderr
     # the second run's first evaluation is the first run's last: the same model, the same eval noise
     assert metrics(second)[0]["eval_reward_mean"] == metrics(first)[-1]["eval_reward_mean"]
-    assert common.load_checkpoint(second)["optimizer"]["state"][0]["step"] == 1  # fresh: one step, not three
+    assert runner.load_checkpoint(second)["optimizer"]["state"][0]["step"] == 1  # fresh: one step, not three
     file = finish(launch(script, *TINY_RUN, *flags, "--iters", "1", "--init-lora",
                          str(first / "pytorch_lora_weights.safetensors"), "--run-dir", str(tmp_path / "file")))
     assert file.returncode == 0 and metrics(tmp_path / "file")[0] == metrics(second)[0]
@@ -612,7 +615,7 @@ def test_a_lora_trained_with_alpha_other_than_its_rank_draws_the_runs_images_in_
     pipe = StableDiffusionPipeline.from_pretrained(str(embedded_dir), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    prompts = common.eval_prompts("toy", common.load_prompts("toy"), 2)
+    prompts = runner.eval_prompts("toy", runner.load_prompts("toy"), 2)
     x_T = randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(common.EVAL_SEED))
 
     def draw():
@@ -664,7 +667,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
 def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda *a: "20261202-120000")
-    dirs = {common.new_run_dir("drtune", "hpsv2+0.5*clipscore", 0) for _ in range(3)}
+    dirs = {runner.new_run_dir("drtune", "hpsv2+0.5*clipscore", 0) for _ in range(3)}
     assert len(dirs) == 3 and all(d.is_dir() and "*" not in str(d) and "+" not in str(d) for d in dirs)
 
 
@@ -807,7 +810,7 @@ def test_a_rank_killed_brings_the_other_down_within_seconds_and_the_run_resumes_
                              env={"KILL_AT_CALL": "5", "KILL_RANK": "1"}))
     assert killed.returncode != 0 and time.monotonic() - start < 90  # startup ~10 s; no rank waits on a dead one
     assert "rank      : 1" in killed.stderr and "SIGKILL" in killed.stderr
-    done = common.load_checkpoint(tmp_path / "killed")["iter"]
+    done = runner.load_checkpoint(tmp_path / "killed")["iter"]
     assert 0 < done < 5
     one_rank = finish(launch(script, "--resume", str(tmp_path / "killed")))
     assert one_rank.returncode == 2 and "ran on 2 ranks, now 1" in one_rank.stderr
@@ -823,10 +826,10 @@ def test_ranks_holding_different_weights_stop_the_run(pipe, tmp_path, monkeypatc
     import drtune
 
     params = common.add_lora(pipe.unet, 2)
-    run = common.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
+    run = runner.Run("drtune.py", drtune.Args(run_dir=str(tmp_path / "run")), pipe.unet,
                      torch.optim.AdamW(params, lr=0.1), "cpu")
     run.next_iter = 1
-    monkeypatch.setattr(common, "gather_objects", lambda obj: [obj, "another rank's digest"])
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: [obj, "another rank's digest"])
     with pytest.raises(SystemExit) as stop:
         run.save()
     assert stop.value.code == 3 and "the ranks hold different LoRA weights" in capsys.readouterr().err
@@ -880,7 +883,7 @@ def test_the_budget_stops_a_run_after_the_iteration_that_reaches_it(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = metrics(tmp_path / "run")
     assert [r["compute"] for r in rows] == [40, 80, 120, 120] and rows[-1]["final"]
-    assert common.load_checkpoint(tmp_path / "run")["iter"] == 3
+    assert runner.load_checkpoint(tmp_path / "run")["iter"] == 3
     assert "after 3 of 50 iterations (--budget 100 reached;" in result.stdout  # not mistaken for a finished run
     timed = finish(launch(script, *TINY_RUN, *flags, "--iters", "50", "--budget-seconds", "0.001",
                           "--run-dir", str(tmp_path / "timed")))
@@ -893,16 +896,16 @@ def test_the_budget_stops_a_run_after_the_iteration_that_reaches_it(tmp_path):
 def test_auto_prompts_and_clip_follow_the_model(embedded_dir, tmp_path, monkeypatch):
     import drtune
 
-    for model, prompts, clip, steps in (("toy", "toy", "toy", 20), (str(embedded_dir), "general", common.REAL_CLIP, 50)):
+    for model, prompts, clip, steps in (("toy", "toy", "toy", 20), (str(embedded_dir), "general", hub.REAL_CLIP, 50)):
         monkeypatch.setattr(sys, "argv", ["drtune.py", "--model", model, "--reward", "symmetry", "--clip-weight", "0",
                                           "--run-dir", str(tmp_path / "run")])
-        args = common.parse_args(drtune.Args, "drtune.py")
+        args = runner.parse_args(drtune.Args, "drtune.py")
         drtune.check_args(args)
         assert (args.prompts, args.clip_model, args.eval_num_steps) == (prompts, clip, steps)
     monkeypatch.setattr(sys, "argv", ["drtune.py", "--model", str(embedded_dir), "--reward", "jpeg_compressibility"])
-    args = common.parse_args(drtune.Args, "drtune.py")
-    assert common.default_prompts(args.reward) == "simple_animals"
-    assert common.default_prompts("objectness+0.1*brightness") == "books"
+    args = runner.parse_args(drtune.Args, "drtune.py")
+    assert runner.default_prompts(args.reward) == "simple_animals"
+    assert runner.default_prompts("objectness+0.1*brightness") == "books"
 
 
 # --- Stable Diffusion XL -------------------------------------------------------------------------------------
@@ -961,7 +964,7 @@ def test_sdxl_lora_loads_with_the_xl_pipelines_load_lora_weights(tiny_sdxl, tmp_
     pipe = common.load_pipeline(tiny_sdxl)
     for p in common.add_lora(pipe.unet, 4):
         torch.nn.init.normal_(p, std=0.1)
-    common.save_lora(pipe.unet, tmp_path)
+    runner.save_lora(pipe.unet, tmp_path)
     fresh = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     fresh.load_lora_weights(str(tmp_path))
     fresh.unet.pixels_per_latent = 2
@@ -990,13 +993,13 @@ def test_cpu_threads_are_capped_at_the_cores_per_local_rank(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     try:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-        common.setup_device("cpu", "fp32", 2)
+        runner.setup_device("cpu", "fp32", 2)
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        common.setup_device("cpu", "fp32", 3)
+        runner.setup_device("cpu", "fp32", 3)
         assert torch.get_num_threads() == 2
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
-        common.setup_device("cpu", "fp32", 3)
+        runner.setup_device("cpu", "fp32", 3)
         assert torch.get_num_threads() == 3  # a plain process gets what it asks for
     finally:
         torch.set_num_threads(before)

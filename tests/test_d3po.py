@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import common
 import d3po
+import runner
 
 ROOT = Path(__file__).resolve().parents[1]  # tests/conftest.py puts it on sys.path and loads `pipe`
 
@@ -174,7 +175,7 @@ def test_sample_phase_writes_everything(samples):
     assert len(meta["prompts"]) == 3 and meta["samples_per_prompt"] == 3 and meta["num_steps"] == 2
     for group in meta["images"]:
         assert len(group) == 3 and all((samples / name).is_file() for name in group)
-    stored = d3po.load_file(samples / "trajectories.safetensors")
+    stored = load_file(samples / "trajectories.safetensors")
     assert stored["latents"].shape[:3] == (3, 3, 3) and stored["timesteps"].shape == (2,)
     assert torch.equal(stored["latents"][:, 0, 0], stored["latents"][:, 2, 0])  # shared x_T per prompt
     page = (samples / "label.html").read_text()
@@ -247,7 +248,7 @@ def test_bad_input_fails_before_any_work(samples, tmp_path, monkeypatch, capsys)
     expect_usage_error(monkeypatch, capsys, ["--feedback", "human"], tmp_path / "r12", "--phase sample or --phase train")
     tampered = tmp_path / "tampered"
     shutil.copytree(samples, tampered)
-    stored = d3po.load_file(tampered / "trajectories.safetensors")
+    stored = load_file(tampered / "trajectories.safetensors")
     save_file({k: v + (k == "latents") for k, v in stored.items()}, tampered / "trajectories.safetensors")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(page_export(meta, [0, 1, "tie"])))
@@ -401,7 +402,7 @@ def test_two_human_rounds_sample_from_and_reference_the_previous_round(samples, 
     command = shlex.split(printed.split(" --labels ")[0])
     assert command[:2] == ["python", "d3po.py"]
     monkeypatch.setattr(sys, "argv", [*command[1:], "--labels", str(labels2), "--run-dir", str(tmp_path / "next")])
-    d3po.check_args(common.parse_args(d3po.Args, "d3po.py"))
+    d3po.check_args(runner.parse_args(d3po.Args, "d3po.py"))
     second = [*train, "--samples", str(round2), "--labels", str(labels2)]
     # the samples were drawn from round 1's model: training must start there
     capsys.readouterr()

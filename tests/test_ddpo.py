@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import runner
 import ddpo
 from gradient_family import expect_bad_input
 
@@ -153,7 +154,7 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     if estimator == "sf":  # on-policy: every sample is re-scored before the round's single update
         assert all(r["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and r["clipfrac"] == 0.0 for r in rows)
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
-    assert common.load_checkpoint(run_dir)["iter"] == 2
+    assert runner.load_checkpoint(run_dir)["iter"] == 2
     # --lr 0 (the default) is each estimator's own learning rate, recorded as such for --config and --resume
     assert json.loads((run_dir / "args.json").read_text())["lr"] == {"is": 1e-3, "sf": 1e-2}[estimator]
 

@@ -12,6 +12,8 @@ import tyro
 from diffusers import StableDiffusionPipeline
 
 import common
+import hub
+import runner
 import drtune
 import rewards
 
@@ -101,7 +103,7 @@ def test_clip_model_is_not_needed_when_nothing_uses_it(monkeypatch, tmp_path):
     args = tyro.cli(drtune.Args)
     drtune.check_args(args)
     images = torch.rand(2, 3, 16, 16)
-    torch.testing.assert_close(common.reward_function(args)(images, ["a", "b"]), -rewards.asymmetry(images))
+    torch.testing.assert_close(runner.reward_function(args)(images, ["a", "b"]), -rewards.asymmetry(images))
 
 
 def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
@@ -118,7 +120,7 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     assert (run_dir / "eval_00000.png").exists() and (run_dir / "eval_00003.png").exists()
     assert "eval reward" in result.stdout and "->" in result.stdout
     assert json.loads((run_dir / "args.json").read_text())["K"] == 3
-    assert common.load_checkpoint(run_dir)["iter"] == 3
+    assert runner.load_checkpoint(run_dir)["iter"] == 3
 
     # same seed -> identical run on the CPU
     again = run_script("--iters", "3", "--eval-every", "2", "--num-steps", "6", "--K", "3", "--early-stop", "2",
@@ -128,8 +130,8 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "eval_time_s")} for r in rs]  # noqa: E731
     assert strip(rows_again) == strip(rows)
 
-    base = StableDiffusionPipeline.from_pretrained(str(common.TOY_MODEL_DIR), dtype=torch.float32)  # the default model
-    tuned = StableDiffusionPipeline.from_pretrained(str(common.TOY_MODEL_DIR), dtype=torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(str(hub.TOY_MODEL_DIR), dtype=torch.float32)  # the default model
+    tuned = StableDiffusionPipeline.from_pretrained(str(hub.TOY_MODEL_DIR), dtype=torch.float32)
     tuned.load_lora_weights(str(run_dir))
     x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a red circle on a white background"])
     with torch.no_grad():

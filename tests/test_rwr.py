@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import runner
 
 import rwr
 from gradient_family import expect_bad_input
@@ -98,7 +98,7 @@ def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_di
     assert [r["samples_seen"] for r in rows] == [4, 8]
     assert ["eval_reward_mean" in r for r in rows] == [True, False] and "eval_reward_mean" in final
     assert (run_dir / "pytorch_lora_weights.safetensors").exists()
-    assert common.load_checkpoint(run_dir)["iter"] == 2
+    assert runner.load_checkpoint(run_dir)["iter"] == 2
 
 
 @pytest.mark.parametrize("argv,needle", [

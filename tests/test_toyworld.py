@@ -43,9 +43,10 @@ def test_toy_clip_zero_shot_accuracy_on_new_drawings():
 def test_toy_stable_diffusion_draws_what_the_prompt_says():
     """~100 samples over the caption grammar (fixed noise), checked by the pixel classifier world.classify."""
     import common
+    import hub
     from rewards import brightness
 
-    pipe = common.load_pipeline(common.TOY_MODEL)  # the default --model of every script
+    pipe = common.load_pipeline(hub.TOY_MODEL)  # the default --model of every script
     combos = world.all_combinations() * 4
     _, images = common.evaluate(pipe, [world.caption(*k) for k in combos], brightness, num_steps=30,
                                 guidance_scale=5.0, resolution=world.SIZE, batch_size=32)

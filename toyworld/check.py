@@ -20,7 +20,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import hub  # noqa: E402
 import rewards  # noqa: E402
+import runner  # noqa: E402
 from toyworld import world  # noqa: E402
 
 
@@ -29,7 +31,7 @@ class Args:
     lora: str = ""
     """a run directory holding pytorch_lora_weights.safetensors, or a LoRA .safetensors file (empty: the pretrained
     model)"""
-    model: str = common.TOY_MODEL
+    model: str = hub.TOY_MODEL
     """the toy model (or any diffusers folder drawing the toy world)"""
     prompts: str = "toy_eval"
     """prompt set or file; prompts must follow the toy caption grammar"""
@@ -51,28 +53,28 @@ def check_args(args: Args) -> list[str]:
     """Every flag checked before any work (one line on stderr, exit status 2); returns the prompts."""
     for name in ("n", "num_steps", "grid_cols", "threads"):
         if getattr(args, name) < 1:
-            common.fail(f"{common.flag(name)} must be at least 1 (got {getattr(args, name)})")
+            hub.fail(f"{hub.flag(name)} must be at least 1 (got {getattr(args, name)})")
     if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        common.fail(f"--guidance-scale must be a finite non-negative number (got {args.guidance_scale})")
-    prompts = common.load_prompts(args.prompts)
+        hub.fail(f"--guidance-scale must be a finite non-negative number (got {args.guidance_scale})")
+    prompts = runner.load_prompts(args.prompts)
     for prompt in prompts:  # the classifier reads colour, shape and background off the caption
         words = prompt.split()
         if len(words) != 7 or words[1] not in world.COLOURS or words[2] not in world.SHAPES or \
                 words[5] not in world.BACKGROUNDS:
-            common.fail(f"--prompts {args.prompts}: {prompt!r} is not a toy caption "
-                        f"(\"a <colour> <shape> on a <background> background\")")
+            hub.fail(f"--prompts {args.prompts}: {prompt!r} is not a toy caption "
+                     f"(\"a <colour> <shape> on a <background> background\")")
     if args.grid:
         grid = Path(args.grid).expanduser()
         if not grid.parent.is_dir() or grid.suffix.lower() not in Image.registered_extensions():
-            common.fail(f"--grid {args.grid}: needs an existing folder and an image suffix such as .png")
+            hub.fail(f"--grid {args.grid}: needs an existing folder and an image suffix such as .png")
     if args.lora:
         common.read_lora(args.lora, "--lora")  # a missing or damaged file fails here, in one line
-    common.resolve_model(args.model)
+    hub.resolve_model(args.model)
     return prompts
 
 
 def main():
-    args = common.cli(Args, prog="check.py")
+    args = runner.cli(Args, prog="check.py")
     prompts = check_args(args)
     torch.set_num_threads(args.threads)
     pipe = common.load_pipeline(args.model)
@@ -94,7 +96,7 @@ def main():
               "background": background, "n": args.n, "lora": args.lora}
     print(json.dumps(report))
     if args.grid:
-        common.save_grid(images, args.grid, ncols=args.grid_cols)
+        runner.save_grid(images, args.grid, ncols=args.grid_cols)
 
 
 if __name__ == "__main__":
