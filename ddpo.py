@@ -32,24 +32,13 @@ from hub import TOY_MODEL, fail
 
 
 @dataclass
-class Args:
+class Args(runner.RunArgs):
     estimator: str = "is"
     """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
     model: str = TOY_MODEL
     """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
-    vae: str = ""
-    """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
-    reward_model: str = ""
-    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
-    reward_query: str = ""
-    """objectness: the object to remove; empty = book (DRTune)"""
-    clip_model: str = "auto"
-    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
-    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
-    clip_weight: float = 0.01
-    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
     prompts: str = "auto"
     """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
     toy for the toy model, else the reward's set (simple_animals, general or books)"""
@@ -110,36 +99,9 @@ class Args:
     prompt's own statistics from its first round at --samples-per-prompt 8"""
     ratio_tol: float = 1e-4
     """stop if any importance ratio before the round's first update differs from 1 by more than this"""
-    seed: int = 0
-    """random seed (same seed on the CPU -> identical run)"""
-    run_dir: str = ""
-    """output folder (a new one; see --resume); default runs/ddpo_<estimator>__<reward>__<seed>__<time>"""
-    resume: str = ""
-    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
-    config: str = ""
-    """rerun with the settings of a run's args.json (flags given as well override them)"""
-    save_every: int = 10
-    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
-    budget: float = 0.0
-    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
-    budget_seconds: float = 0.0
-    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
-    dtype: str = "auto"
-    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
-    threads: int = 2
-    """CPU threads for torch (0 = torch's default, often slower); 1 per job on a shared CPU; at most cores / ranks"""
+    # a shared flag (runner.RunArgs) with this script's own default
     eval_every: int = 5
     """evaluate every N iterations (0 = only before the first and after the last)"""
-    eval_size: int = 16
-    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
-    eval_num_steps: int = 0
-    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
-    eval_guidance_scale: float = 0.0
-    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
-    progress_every: float = 30.0
-    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
 
 
 def check_args(args: Args):

@@ -1,4 +1,4 @@
-"""The run around a method, the same for every script: its command line (and the checks made
+"""The run around a method, the same for every script: its flags (RunArgs, the command line, the checks made
 before any work), the prompt sets, the reward the flags name, seeding and the device, and the run directory
 (args.json, metrics, eval grids, atomic checkpoints, resume, Ctrl-C, the NaN guard, progress): `Run`.
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,56 @@ import rewards
 from hub import fail, flag
 
 PROMPT_SETS = {p.stem: p for p in sorted((Path(__file__).parent / "prompts").glob("*.txt"))}
+
+
+@dataclass
+class RunArgs:
+    """The flags every script shares and no algorithm reads: the run's seed, directory and length, where it runs,
+    how it is evaluated, and which weights the VAE and the reward load. A method's `Args` extends this with its own
+    hyperparameters, listed after these (CleanRL's order: the general flags, then the algorithm's); a method whose
+    default differs redeclares the field."""
+
+    seed: int = 0
+    """random seed (same seed on the CPU -> identical run)"""
+    run_dir: str = ""
+    """output folder (a new one; see --resume); default runs/<method>__<reward>__<seed>__<time>"""
+    resume: str = ""
+    """continue the run in this directory from its checkpoint up to --iters (on the CPU: bitwise as if never stopped)"""
+    config: str = ""
+    """rerun with the settings of a run's args.json (flags given as well override them)"""
+    save_every: int = 10
+    """write the checkpoint every N iterations (0 = only at the end); also written on Ctrl-C or SIGTERM"""
+    budget: float = 0.0
+    """stop after the iteration in which the run's compute reaches this many UNet passes (backward = 2); 0 = none"""
+    budget_seconds: float = 0.0
+    """stop after the iteration in which the run's wall time reaches this many seconds; 0 = no limit"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16; LoRA stays fp32"""
+    threads: int = 2
+    """CPU threads for torch (0 = torch's default, often slower); 1 per job on a shared CPU; at most cores / ranks"""
+    progress_every: float = 30.0
+    """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
+    eval_every: int = 10
+    """evaluate every N iterations (0 = only before the first and after the last)"""
+    eval_size: int = 16
+    """evaluation prompts (fixed prompts and noise; the same for every script, see common.EVAL_PROTOCOL)"""
+    eval_num_steps: int = 0
+    """T of the evaluation's deterministic DDIM; 0 = the shared protocol (20 on the toy world, 50 on SD)"""
+    eval_guidance_scale: float = 0.0
+    """guidance scale of the evaluation; 0 = the shared protocol (5.0 on the toy world, 7.5 on SD)"""
+    vae: str = ""
+    """a VAE instead of the model's (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16"""
+    reward_model: str = ""
+    """weights of a pretrained reward (hub id or local path; name=path,... in a sum); empty = the reward's default"""
+    reward_query: str = ""
+    """objectness: the object to remove; empty = book (DRTune)"""
+    clip_model: str = "auto"
+    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
+    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
+    clip_weight: float = 0.01
+    """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
 
 
 # ---------------------------------------------------------------------------------------------
