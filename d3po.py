@@ -19,32 +19,22 @@ The paper's settings on Stable Diffusion 1.5 (a GPU):
         --num-steps 20 --guidance-scale 5.0 --lr 3e-5 --lora-rank 4 --batch-size 10 --iters 400
 """
 
-import base64
 import contextlib
-import hashlib
-import io
-import json
 import math
 import os
 import random
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 import common
+import d3po_label
 import distributed
 import runner
-from hub import TOY_MODEL, fail, flag
-
-LABEL_PAGE_TEMPLATE = Path(__file__).parent / "d3po_label" / "page.html"
-SAMPLES_FORMAT, LABELS_FORMAT = "d3po-samples/1", "d3po-labels/1"
-# Flags that define the sampled transitions; training on stored trajectories must replay them identically.
-SAMPLING_FLAGS = ("model", "num_steps", "guidance_scale", "eta", "resolution", "samples_per_prompt")
+from hub import TOY_MODEL, fail
 
 
 @dataclass
@@ -112,78 +102,8 @@ class Args(runner.RunArgs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checking the flags and the human label files (all before any work)
+# Checking the flags, and the human label files (all before any work; reading them is d3po_label's)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_json(path: Path, what: str):
-    if not path.is_file():
-        fail(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{what} {path}: cannot be read as JSON ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
-def load_samples(args: Args) -> dict:
-    """samples.json of a --phase sample run dir, checked against the flags that define its transitions."""
-    if not args.samples:
-        fail("--phase train needs --samples DIR: the run dir written by --phase sample")
-    meta_path = Path(args.samples) / "samples.json"
-    if not meta_path.is_file():
-        fail(f"--samples {args.samples}: no samples.json there; run --feedback human --phase sample first")
-    meta = read_json(meta_path, "--samples")
-    if not isinstance(meta, dict) or meta.get("format") != SAMPLES_FORMAT:
-        fail(f"--samples {args.samples}: samples.json is not a {SAMPLES_FORMAT} file")
-    for name in SAMPLING_FLAGS:
-        if meta.get(name) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            fail(f"{flag} {getattr(args, name)} differs from the samples in {args.samples} ({meta.get(name)}); "
-                 f"training replays their transitions, so pass {flag} {meta.get(name)}")
-    if meta.get("init_lora_id", "") != lora_id(args.init_lora):
-        fail(f"--init-lora {args.init_lora or '(none)'} is not the model the samples in {args.samples} were drawn "
-             f"from ({meta.get('init_lora') or 'the pretrained model'}); training starts from the sampling model")
-    trajectories = Path(args.samples) / "trajectories.safetensors"
-    if not trajectories.is_file():
-        fail(f"--samples {args.samples}: trajectories.safetensors is missing")
-    # The id the label files quote is this file's hash: labels can only ever train the pairs they judged.
-    if hashlib.sha256(trajectories.read_bytes()).hexdigest()[:16] != meta.get("samples_id"):
-        fail(f"--samples {args.samples}: trajectories.safetensors changed since sampling (hash differs "
-             "from samples.json); its labels no longer describe it")
-    return meta
-
-
-def load_labels(files, meta: dict) -> torch.Tensor:
-    """Label files -> (prompts, n) scores averaged over the annotators who labelled each prompt; NaN = unlabelled.
-
-    A file holds one entry per sampled prompt, in order: n scores (the page writes 1 for the chosen image and
-    0 for the others; all 0 for a tie or "all bad") or null when skipped. As in the official code, several
-    annotators' scores are averaged, and a pair is trained only if its two averaged scores differ.
-    """
-    k, n = len(meta["prompts"]), meta["samples_per_prompt"]
-    total, count = torch.zeros(k, n, dtype=torch.float64), torch.zeros(k, 1, dtype=torch.float64)
-    for file in files:
-        data = read_json(Path(file), "--labels")
-        if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT or not isinstance(data.get("labels"), list):
-            fail(f"--labels {file}: not a {LABELS_FORMAT} file exported by label.html")
-        if data.get("samples_id") != meta["samples_id"] or len(data["labels"]) != k:
-            fail(f"--labels {file}: made for other samples (id {data.get('samples_id')}, "
-                 f"{len(data['labels'])} prompts), not samples {meta['samples_id']} ({k} prompts)")
-        for i, entry in enumerate(data["labels"]):
-            if not isinstance(entry, dict) or entry.get("prompt") != meta["prompts"][i]:
-                fail(f"--labels {file}: entry {i} is not for prompt {meta['prompts'][i]!r}")
-            scores = entry.get("scores")
-            if scores is None:
-                continue
-            if (not isinstance(scores, list) or len(scores) != n or not all(
-                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
-                fail(f"--labels {file}: entry {i} needs {n} finite scores or null (got {scores!r})")
-            total[i] += torch.tensor(scores, dtype=torch.float64)
-            count[i] += 1
-    scores = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-    if not (preferences(scores) != 0).any():
-        fail(f"--labels {' '.join(files)}: no prompt has a preferred image (all skipped or ties); nothing to train")
-    return scores.float()
 
 
 def check_args(args: Args):
@@ -216,8 +136,12 @@ def check_args(args: Args):
     if args.phase == "train":
         if not args.labels:
             fail("--phase train needs --labels FILE [FILE ...] exported from label.html")
-        meta = load_samples(args)
-        return prompts, (meta, load_labels(args.labels, meta))
+        meta = d3po_label.load_samples(args)
+        scores = d3po_label.load_labels(args.labels, meta)
+        if not (preferences(scores) != 0).any():
+            fail(f"--labels {' '.join(args.labels)}: no prompt has a preferred image (all skipped or ties); nothing to "
+                 "train")
+        return prompts, (meta, scores)
     return prompts, None
 
 
@@ -318,33 +242,13 @@ def accumulate_gradients(pipe, latents, timesteps, cond, uncond, prefs, ref_lora
 
 
 # ---------------------------------------------------------------------------------------------
-# Human feedback: writing the samples and the labelling page
+# Human feedback: sampling for the labelling page (its files are d3po_label's)
 # ---------------------------------------------------------------------------------------------
 
 
-def to_png(image) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write_atomic(path: Path, data: bytes):
-    runner.write_atomic(path, lambda f: f.write(data))
-
-
-def lora_id(path: str) -> str:
-    """What samples.json records of the LoRA they were drawn with: a hash of its weights ('' = none)."""
-    if not path:
-        return ""
-    weights = common.read_lora(path)
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode() + weights[name].float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def write_samples(pipe, prompts, resolution: int, args: Args):
-    """--phase sample: images, trajectories and label.html; samples.json last, so a crash leaves no usable half."""
+def sample_for_labels(pipe, prompts, resolution: int, args: Args):
+    """--phase sample: --num-prompts prompts (each set passed through in shuffled order), n trajectories each, written
+    with their labelling page by d3po_label.write_samples."""
     run_dir = Path(args.run_dir) if args.run_dir else runner.new_run_dir("d3po_samples", args.reward, args.seed)
     chosen = [p for _ in range(-(-args.num_prompts // len(prompts))) for p in random.sample(prompts, len(prompts))]
     chosen = chosen[:args.num_prompts]
@@ -358,39 +262,8 @@ def write_samples(pipe, prompts, resolution: int, args: Args):
         with torch.no_grad():
             images = common.decode(pipe.vae, group[:, :, -1].flatten(0, 1))
         latents.append(group)
-        pngs += [to_png(image) for image in images]
-    (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    names = [f"images/{k:04d}_{i}.png" for k in range(len(chosen)) for i in range(args.samples_per_prompt)]
-    for name, png in zip(names, pngs):
-        write_atomic(run_dir / name, png)
-    trajectories = {"latents": torch.cat(latents).contiguous(), "timesteps": timesteps.cpu().long()}
-    data = save({k: v.cpu() for k, v in trajectories.items()})  # bytes, written with the umask's mode as the rest
-    samples_id = hashlib.sha256(data).hexdigest()[:16]
-    write_atomic(run_dir / "trajectories.safetensors", data)
-    n = args.samples_per_prompt
-    page_data = {"format": LABELS_FORMAT, "samples_id": samples_id, "per_prompt": n,
-                 "items": [{"prompt": p, "images": ["data:image/png;base64," + base64.b64encode(png).decode()
-                                                    for png in pngs[k * n:(k + 1) * n]]} for k, p in enumerate(chosen)]}
-    # Images inlined as data URIs: one file that works opened from disk; "</" escaped to stay inside <script>.
-    page = LABEL_PAGE_TEMPLATE.read_text().replace("/*D3PO_DATA*/null", json.dumps(page_data).replace("</", "<\\/"))
-    write_atomic(run_dir / "label.html", page.encode())
-    meta = {"format": SAMPLES_FORMAT, "samples_id": samples_id, "prompts": chosen,
-            "images": [names[k * n:(k + 1) * n] for k in range(len(chosen))], "seed": args.seed,
-            "init_lora": args.init_lora, "init_lora_id": lora_id(args.init_lora)}
-    meta |= {name: getattr(args, name) for name in SAMPLING_FLAGS}
-    write_atomic(run_dir / "samples.json", json.dumps(meta, indent=2).encode())
-    print(f"d3po: {len(chosen)} prompts x {n} images in {run_dir}; label them in {run_dir / 'label.html'}, then\n"
-          f"  python d3po.py --feedback human --phase train --samples {run_dir}{train_flags(args)} "
-          "--labels <exported files>")
-
-
-def train_flags(args: Args) -> str:
-    """The flags --phase train must repeat to accept these samples: the sampling settings and the LoRA they were
-    drawn with (its shape too), wherever they differ from the defaults."""
-    default = Args()
-    names = (*SAMPLING_FLAGS, "init_lora", "lora_rank", "lora_alpha", "lora_targets")
-    return "".join(f" {flag(name)} {shlex.quote(str(getattr(args, name)))}" for name in names
-                   if getattr(args, name) != getattr(default, name))
+        pngs += [d3po_label.to_png(image) for image in images]
+    d3po_label.write_samples(run_dir, chosen, torch.cat(latents), timesteps, pngs, args)
 
 
 def main():
@@ -404,7 +277,7 @@ def main():
     if args.phase == "sample":
         if args.init_lora:  # a later round of the human loop samples from the previous round's model
             common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
-        return write_samples(pipe, prompts, resolution, args)
+        return sample_for_labels(pipe, prompts, resolution, args)
     params = common.add_lora(pipe.unet, args.lora_rank, args.lora_alpha or None, args.lora_targets, args.init_lora)
     ref_path = args.init_lora if args.ref_lora == "" else "" if args.ref_lora == "pretrained" else args.ref_lora
     ref_lora = {k: v.to(device) for k, v in common.read_lora(ref_path, "--ref-lora").items()} if ref_path else None

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import common
 import d3po
+import d3po_label
 import runner
 
 ROOT = Path(__file__).resolve().parents[1]  # tests/conftest.py puts it on sys.path and loads `pipe`
@@ -164,7 +165,7 @@ def samples(tmp_path_factory):
 def page_export(meta, choices, annotator="a"):
     """A labels file exactly as label.html's exportLabels writes it."""
     n = meta["samples_per_prompt"]
-    return {"format": d3po.LABELS_FORMAT, "samples_id": meta["samples_id"], "annotator": annotator,
+    return {"format": d3po_label.LABELS_FORMAT, "samples_id": meta["samples_id"], "annotator": annotator,
             "labels": [{"prompt": p, "choice": c,
                         "scores": None if c is None else [int(c == i) for i in range(n)]}
                        for p, c in zip(meta["prompts"], choices)]}
@@ -193,7 +194,7 @@ def test_human_round_trip_averages_annotators(samples, tmp_path, monkeypatch):
     alice, bob = tmp_path / "alice.json", tmp_path / "bob.json"
     alice.write_text(json.dumps(page_export(meta, [0, "tie", None])))
     bob.write_text(json.dumps(page_export(meta, [1, 2, None], "b")))
-    scores = d3po.load_labels([str(alice), str(bob)], meta)
+    scores = d3po_label.load_labels([str(alice), str(bob)], meta)
     assert torch.allclose(scores[0], torch.tensor([0.5, 0.5, 0.0]))  # averaged: 0 and 1 tie, both beat 2
     assert torch.allclose(scores[1], torch.tensor([0.0, 0.0, 0.5])) and scores[2].isnan().all()
     before = snapshot(samples)
@@ -375,7 +376,7 @@ def test_labelling_page_in_headless_chromium(samples, tmp_path, monkeypatch):
     labels = json.loads(exported.read_text())
     assert labels["annotator"] == "carol"
     assert [x["scores"] for x in labels["labels"]] == [[0, 1, 0], [0, 0, 1], [0, 0, 0]]
-    scores = d3po.load_labels([str(exported)], meta)  # the train phase accepts the export
+    scores = d3po_label.load_labels([str(exported)], meta)  # the train phase accepts the export
     assert torch.equal(d3po.preferences(scores[:2]), torch.tensor([[-1.0, 0.0, 1.0], [0.0, -1.0, -1.0]]))
 
 
@@ -393,7 +394,7 @@ def test_two_human_rounds_sample_from_and_reference_the_previous_round(samples, 
     run_main(monkeypatch, "--feedback", "human", "--phase", "sample", *TINY, "--num-prompts", "3",
              "--samples-per-prompt", "3", "--init-lora", str(round1), "--run-dir", str(round2))
     meta2 = json.loads((round2 / "samples.json").read_text())
-    assert meta2["init_lora"] == str(round1) and meta2["init_lora_id"] == d3po.lora_id(str(round1)) != ""
+    assert meta2["init_lora"] == str(round1) and meta2["init_lora_id"] == d3po_label.lora_id(str(round1)) != ""
     labels2 = tmp_path / "round2.json"
     labels2.write_text(json.dumps(page_export(meta2, [2, 0, 1])))
     # the next command it prints is one that accepts these samples: drawn from round 1's LoRA, with T 2 and n 3
