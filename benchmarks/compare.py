@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY_MODEL, TOY_MODEL_DIR = "toy", ROOT / "toyworld" / "sd"  # as in common.py (not imported: it loads torch)
+TOY_MODEL, TOY_MODEL_DIR = "toy", ROOT / "toyworld" / "sd"  # as in hub.py
 SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.py", "rwr.py")
 
 # Named comparisons. Keys: about, reward ("default": each script's own), methods (name -> "script flags"), budget
@@ -184,7 +184,7 @@ NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # method and comparison 
 
 
 def fail(message: str):
-    """Bad input: one line on stderr, exit status 2 (as common.fail)."""
+    """Bad input: one line on stderr, exit status 2 (as hub.fail)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -564,7 +564,7 @@ def prepare(run_dir: Path, cmd: list, iters: int, threads: int, progress_every: 
     if finished(rows):
         return None
     if (run_dir / "checkpoint.pt").is_file() and (run_dir / "args.json").is_file():
-        # Only the flags a resume may change (common.RESUME_MAY_CHANGE); the rest comes from its args.json.
+        # Only the flags a resume may change (runner.RESUME_MAY_CHANGE); the rest comes from its args.json.
         resume = [cmd[0], "--resume", str(run_dir), "--threads", str(threads), "--progress-every", str(progress_every)]
         if iters is not None:  # else the run's own (args.json)
             resume += ["--iters", str(iters), "--eval-every", str(eval_every)]
@@ -893,7 +893,7 @@ def write_plot(s, curves: dict, path: Path) -> bool:
 
 
 def first_row(grid_path: Path, eval_size: int) -> Image.Image:
-    """The first row of an eval grid (common.save_grid: 8 square images per row, in eval-prompt order)."""
+    """The first row of an eval grid (runner.save_grid: 8 square images per row, in eval-prompt order)."""
     grid = Image.open(grid_path).convert("RGB")
     size = grid.width // min(8, eval_size)
     return grid.crop((0, 0, grid.width, size))

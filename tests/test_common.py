@@ -1003,3 +1003,67 @@ def test_cpu_threads_are_capped_at_the_cores_per_local_rank(monkeypatch):
         assert torch.get_num_threads() == 3  # a plain process gets what it asks for
     finally:
         torch.set_num_threads(before)
+
+
+# --- the house: which module imports which, and the flags every script shares ------------------------------
+
+PROJECT_MODULES = ["hub", "distributed", "rewards", "common", "runner", "d3po_label", "ddpo", "rwr", "draft", "refl",
+                   "alignprop", "drtune", "d3po"]
+SCRIPTS = ["ddpo", "rwr", "draft", "refl", "alignprop", "drtune", "d3po"]
+
+
+def project_imports(module: str) -> set[str]:
+    """The project modules `module` imports anywhere in its source (a function's own imports count too)."""
+    import ast
+
+    path = ROOT / f"{module}.py" if (ROOT / f"{module}.py").is_file() else ROOT / module / "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(PROJECT_MODULES)
+
+
+def test_the_modules_import_each_other_without_a_circle():
+    graph = {module: project_imports(module) for module in PROJECT_MODULES}
+    # the floors: hub on nothing, distributed on nothing, rewards on hub alone, common on those two
+    assert graph["hub"] == set() and graph["distributed"] == set(), graph
+    assert graph["rewards"] == {"hub"}, graph
+    assert graph["common"] == {"distributed", "hub"}, graph
+    done, path = set(), []
+
+    def visit(module):  # depth-first: meeting a module still on the path is a circle
+        assert module not in path, f"import circle: {' -> '.join(path[path.index(module):] + [module])}"
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in PROJECT_MODULES:
+        visit(module)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_scripts_args_hold_its_own_flags_and_help_lists_every_flag(script, capsys):
+    """The shared flags are declared once (runner.RunArgs); a script redeclares one only to give it another default.
+    --help still lists every flag, the shared ones included."""
+    import dataclasses
+    import importlib
+
+    Args = importlib.import_module(script).Args
+    assert issubclass(Args, runner.RunArgs)
+    shared = {f.name: f.default for f in dataclasses.fields(runner.RunArgs)}
+    own = Args.__dict__["__annotations__"]
+    redeclared = [name for name in own if name in shared and getattr(Args, name) == shared[name]]
+    assert not redeclared, f"{script}.Args repeats runner.RunArgs' {redeclared} with the same default"
+    with pytest.raises(SystemExit) as stop:
+        runner.cli(Args, ["--help"], prog=f"{script}.py")
+    assert stop.value.code == 0
+    shown = capsys.readouterr()
+    missing = [f.name for f in dataclasses.fields(Args) if hub.flag(f.name) not in shown.out + shown.err]
+    assert not missing, f"{script}.py --help does not list {missing}"

@@ -89,7 +89,7 @@ def main():
                                    guidance_scale=args.guidance_scale, resolution=common.native_resolution(pipe),
                                    batch_size=32)
     with torch.no_grad():
-        clip = rewards.clipscore(images, batch, rewards.TOY_CLIP)
+        clip = rewards.clipscore(images, batch, hub.TOY_CLIP)
     hits = torch.tensor([[a == b for a, b in zip(world.classify(x), world.parse(p))] for x, p in zip(images, batch)])
     colour, shape, background = hits.float().mean(dim=0).tolist()
     report = {"asymmetry": asym.mean().item(), "clipscore": clip.mean().item(), "colour": colour, "shape": shape,
