@@ -2,10 +2,11 @@
 
 `REWARDS` names each one, says whether it is differentiable (the gradient methods need that; the RL methods
 call any of them under no_grad) and which prompt set suits it on a real Stable Diffusion model. Rewards that
-load a model take their options as keywords: `clip_model` (hub id or folder; the scripts' --clip-model),
-`reward_model` (the pretrained weights, a hub id, folder or file; --reward-model), `query` (objectness;
---reward-query), `clip_weight` (symmetry) and `dtype`. Each model is loaded once per process, frozen, in eval
-mode; the gradient reaches the pixels and never the reward's weights.
+load a model take their options as keywords: `clip_model` (hub id or folder; the scripts' --clip-model, for
+clipscore and symmetry), `backbone` (aesthetic's CLIP ViT-L/14; --aesthetic-clip), `reward_model` (the pretrained
+weights, a hub id, folder or file; --reward-model), `version` (hpsv2: 2.0 or 2.1; --hps-version), `query`
+(objectness; --reward-query), `clip_weight` (symmetry) and `dtype`. Each model is loaded once per process, frozen,
+in eval mode; the gradient reaches the pixels and never the reward's weights.
 
 `--reward` is a sum of terms `[weight*]name` joined by `+`: `hpsv2+0.5*clipscore`, `aesthetic+-0.1*brightness`,
 `1e-3*compression`. A name is a reward of `REWARDS` or a user's function `module:function` (an importable
@@ -40,6 +41,9 @@ AESTHETIC_HEAD = "trl-lib/ddpo-aesthetic-predictor"  # trl's copy of sac+logos+a
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's README takes its processor from here
 HPS = "xswu/HPSv2"
+# HPS v2's two releases in its hub repo: v2.0 (AlignProp and DRaFT trained on it) and v2.1 (DRTune, the default)
+HPS_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
+HPS_VERSION = "2.1"
 IMAGEREWARD = "THUDM/ImageReward"
 BERT = "google-bert/bert-base-uncased"  # ImageReward's tokenizer (BLIP's init_tokenizer); not in its hub repo
 OWLVIT = "google/owlvit-base-patch32"
@@ -53,7 +57,7 @@ IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 WEIGHTS = {
     "aesthetic": (AESTHETIC_HEAD, ("aesthetic-model.pth",)),
     "pickscore": (PICKSCORE, ("config.json", ("tokenizer_config.json", PICKSCORE_PROCESSOR))),
-    "hpsv2": (HPS, ("HPS_v2.1_compressed.pt",)),
+    "hpsv2": (HPS, (HPS_FILES[HPS_VERSION],)),  # the file of --hps-version (_plan)
     "imagereward": (IMAGEREWARD, ("ImageReward.pt", "med_config.json", ("vocab.txt", BERT))),
     "objectness": (OWLVIT, ("config.json",)),
 }
@@ -311,11 +315,11 @@ def load_aesthetic_head(name: str = AESTHETIC_HEAD, device: str = "cpu"):
     return _freeze(head, device)
 
 
-def aesthetic(images, prompts, clip_model: str = AESTHETIC_BACKBONE, reward_model: str = AESTHETIC_HEAD,
+def aesthetic(images, prompts, backbone: str = AESTHETIC_BACKBONE, reward_model: str = AESTHETIC_HEAD,
               dtype: torch.dtype = torch.float32):
     """LAION aesthetic predictor (DDPO, AlignProp, DRaFT, DRTune): the head on the L2-normalised CLIP ViT-L/14
-    image embedding, a 1-10 rating scale (unbounded: it is linear). Prompts are not used."""
-    model, _, (size, mean, std) = load_clip(clip_model, str(images.device), dtype)
+    image embedding (`backbone`), a 1-10 rating scale (unbounded: it is linear). Prompts are not used."""
+    model, _, (size, mean, std) = load_clip(backbone, str(images.device), dtype)
     head = load_aesthetic_head(reward_model, str(images.device))
     pixels = clip_preprocess(images, size, mean, std).to(model.dtype)
     embedding = _projected(model.get_image_features(pixel_values=pixels)).float()
@@ -352,9 +356,10 @@ def pickscore(images, prompts, reward_model: str = PICKSCORE, dtype: torch.dtype
 
 
 @lru_cache(maxsize=None)
-def load_hps(name: str = HPS, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """HPS v2.1: open_clip ViT-H-14 (a folder may describe another one in open_clip_config.json, open_clip's own
-    format) with the {"state_dict": ...} of HPS_v2.1_compressed.pt (a .pt file, a folder holding it or a hub id)."""
+def load_hps(name: str = HPS, version: str = HPS_VERSION, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """HPS v2.0 or v2.1: open_clip ViT-H-14 (a folder may describe another one in open_clip_config.json, open_clip's
+    own format) with the {"state_dict": ...} of the version's file, HPS_FILES (a .pt file, a folder holding it or a
+    hub id)."""
     import open_clip
 
     path = Path(name).expanduser()
@@ -364,15 +369,16 @@ def load_hps(name: str = HPS, device: str = "cpu", dtype: torch.dtype = torch.fl
         model = open_clip.create_model(arch, pretrained=None, load_weights=False)
     finally:
         logging.disable(logging.NOTSET)
-    state = torch.load(_fetch(name, "HPS_v2.1_compressed.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(_fetch(name, HPS_FILES[version]), map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"], strict=True)
     return _freeze(model, device, dtype), open_clip.get_tokenizer(arch)
 
 
-def hpsv2(images, prompts, reward_model: str = HPS, dtype: torch.dtype = torch.float32):
-    """Human Preference Score v2.1 (Wu et al. 2023): cos(image, text) of a CLIP-H fine-tuned on HPD v2, no logit
-    scale (about 0.2-0.35 on Stable Diffusion images). Needs open_clip (pip install -e ".[hps]")."""
-    model, tokenizer = load_hps(reward_model, str(images.device), dtype)
+def hpsv2(images, prompts, reward_model: str = HPS, version: str = HPS_VERSION, dtype: torch.dtype = torch.float32):
+    """Human Preference Score v2 (Wu et al. 2023), release `version` (2.0 or 2.1): cos(image, text) of a CLIP-H
+    fine-tuned on HPD v2, no logit scale (about 0.2-0.35 on Stable Diffusion images). Needs open_clip (pip install
+    -e ".[hps]")."""
+    model, tokenizer = load_hps(reward_model, version, str(images.device), dtype)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
@@ -594,10 +600,12 @@ def _split_reward_model(value: str | None, spec: str, names: list[str]) -> dict:
     return chosen
 
 
-def _resolve_weights(name: str, value: str | None) -> str:
-    """Find the weights of the pretrained reward `name` without loading them; returns its `reward_model`: a local
-    file or folder, the cached snapshot of a hub id, or the hub id itself when the Hub is reachable."""
-    default, files = WEIGHTS[name]
+def _resolve_weights(name: str, value: str | None, files: tuple | None = None) -> str:
+    """Find the weights of the pretrained reward `name` (the files of WEIGHTS, or `files`) without loading them;
+    returns its `reward_model`: a local file or folder, the cached snapshot of a hub id, or the hub id itself when
+    the Hub is reachable."""
+    default, table_files = WEIGHTS[name]
+    files = files or table_files
     where = value or default
     label = f"--reward-model {where}" if value else f"--reward {name}: its weights {where}"
     needed = [f for f in files if isinstance(f, str)]
@@ -637,22 +645,28 @@ def _require_open_clip():
         fail(f'--reward hpsv2 needs open_clip_torch: pip install -e ".[hps]" (import open_clip: {_one_line(error)})')
 
 
-def _check_aesthetic_backbone(clip_model: str, folder: str):
+def _aesthetic_backbone(name: str) -> str:
+    """Check --aesthetic-clip without loading it: a CLIP whose image embedding is 768-d, as ViT-L/14's."""
+    folder = hub.resolve_pretrained(name, "--aesthetic-clip", "config.json", "a transformers CLIPModel folder",
+                                    AESTHETIC_BACKBONE)
     config = Path(folder) / "config.json"
     if config.is_file():
         width = json.loads(config.read_text()).get("projection_dim", 512)  # CLIPConfig's default when absent
         if width != 768:
-            fail(f"--reward aesthetic: the LAION head reads CLIP ViT-L/14 embeddings (768-d) and --clip-model "
-                 f"{clip_model} gives {width}-d; pass --clip-model {AESTHETIC_BACKBONE} or a local copy of it")
+            fail(f"--reward aesthetic: the LAION head reads CLIP ViT-L/14 embeddings (768-d) and --aesthetic-clip "
+                 f"{name} gives {width}-d; pass --aesthetic-clip {AESTHETIC_BACKBONE} or a local copy of it")
+    return folder
 
 
-def _plan(spec, clip_model, clip_weight, reward_model, reward_query):
+def _plan(spec, clip_model, clip_weight, reward_model, reward_query, aesthetic_clip, hps_version):
     """Validate `spec` and find everything it needs: ([(weight, name, function, options)], differentiable)."""
     terms = parse(spec)
     names = [name for _, name in terms]
     chosen = _split_reward_model(reward_model, spec, names)
     if reward_query and "objectness" not in names:
         fail(f"--reward-query {reward_query}: only objectness takes a query, and --reward {spec} has none")
+    if hps_version not in HPS_FILES:
+        fail(f"--hps-version {hps_version}: choose {' or '.join(HPS_FILES)}")
     plan, differentiable = [], True
     for weight, name in terms:
         options = {}
@@ -666,11 +680,13 @@ def _plan(spec, clip_model, clip_weight, reward_model, reward_query):
             if "clip_weight" in taken:
                 options["clip_weight"] = clip_weight
             if name == "aesthetic":
-                _check_aesthetic_backbone(clip_model, options["clip_model"])
+                options["backbone"] = _aesthetic_backbone(aesthetic_clip)
             if name == "hpsv2":
                 _require_open_clip()
+                options["version"] = hps_version
             if name in WEIGHTS:
-                options["reward_model"] = _resolve_weights(name, chosen.get(name))
+                files = (HPS_FILES[hps_version],) if name == "hpsv2" else None
+                options["reward_model"] = _resolve_weights(name, chosen.get(name), files)
             if "query" in taken:
                 options["query"] = reward_query or OBJECTNESS_QUERY
         else:
@@ -682,23 +698,26 @@ def _plan(spec, clip_model, clip_weight, reward_model, reward_query):
 
 
 def check(spec: str, *, clip_model: str = "toy", clip_weight: float = 0.0, reward_model: str | None = None,
-          reward_query: str | None = None) -> bool:
+          reward_query: str | None = None, aesthetic_clip: str = AESTHETIC_BACKBONE,
+          hps_version: str = HPS_VERSION) -> bool:
     """Validate `--reward` and find every model and file it needs (local, cached, or a reachable Hub) without
     loading any; one line on stderr and exit status 2 if something is wrong. Returns whether it is differentiable."""
-    return _plan(spec, clip_model, clip_weight, reward_model, reward_query)[1]
+    return _plan(spec, clip_model, clip_weight, reward_model, reward_query, aesthetic_clip, hps_version)[1]
 
 
 def make(spec: str, *, clip_model: str = "toy", clip_weight: float = 0.0, reward_model: str | None = None,
-         reward_query: str | None = None, device="cpu", dtype: torch.dtype = torch.float32):
+         reward_query: str | None = None, aesthetic_clip: str = AESTHETIC_BACKBONE, hps_version: str = HPS_VERSION,
+         device="cpu", dtype: torch.dtype = torch.float32):
     """The `--reward` function, fn(images, prompts) -> (N,) fp32, the weighted sum of its terms, and whether it is
     differentiable. Loads every model now (once per process) on `device`, backbones in `dtype`."""
-    plan, differentiable = _plan(spec, clip_model, clip_weight, reward_model, reward_query)
+    plan, differentiable = _plan(spec, clip_model, clip_weight, reward_model, reward_query, aesthetic_clip,
+                                 hps_version)
     parts = []
     for weight, name, fn, options in plan:
         if ":" not in name and "dtype" in inspect.signature(fn).parameters:
             options["dtype"] = dtype
         part = partial(fn, **options)
-        if options.keys() & {"clip_model", "reward_model"}:
+        if options.keys() & {"clip_model", "backbone", "reward_model"}:
             # one call on a grey image loads the models now and shows they run, before any training step
             with torch.no_grad():
                 part(torch.full((1, 3, 64, 64), 0.5, device=device), [""])

@@ -79,8 +79,13 @@ class RunArgs:
     reward_query: str = ""
     """objectness: the object to remove; empty = book (DRTune)"""
     clip_model: str = "auto"
-    """CLIP for clipscore, the aesthetic backbone and the symmetry regulariser: hub id or folder; auto = the toy
-    CLIP (toyworld/clip) for the toy model, openai/clip-vit-large-patch14 for any other"""
+    """CLIP for clipscore and the symmetry regulariser: hub id or folder; auto = the toy CLIP (toyworld/clip) for the
+    toy model, openai/clip-vit-large-patch14 for any other (DRTune's CLIPScore used
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"""
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    """aesthetic: the CLIP ViT-L/14 whose image embedding the LAION head reads (hub id or a local copy)"""
+    hps_version: str = "2.1"
+    """hpsv2: 2.1 (HPS_v2.1_compressed.pt, DRTune) or 2.0 (HPS_v2_compressed.pt, AlignProp and DRaFT)"""
     clip_weight: float = 0.01
     """symmetry: weight of the CLIP-score regulariser (0 = DRTune eq. 6 alone)"""
 
@@ -307,7 +312,7 @@ def check_common_args(args, differentiable: bool):
 
 def reward_options(args) -> dict:
     return {"clip_model": args.clip_model, "clip_weight": args.clip_weight, "reward_model": args.reward_model,
-            "reward_query": args.reward_query}
+            "reward_query": args.reward_query, "aesthetic_clip": args.aesthetic_clip, "hps_version": args.hps_version}
 
 
 def reward_function(args, device="cpu", dtype=torch.float32):

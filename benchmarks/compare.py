@@ -171,8 +171,8 @@ PRESET_KEYS = {"about", "reward", "model", "methods", "budget", "budget_seconds"
 # --common-flags only).
 HARNESS_FLAGS = {"seed", "run-dir", "resume", "config", "budget", "budget-seconds", "iters", "threads", "model",
                  "reward", "eval-size", "eval-every", "progress-every"}
-SHARED_FLAGS = {"prompts", "clip-model", "clip-weight", "reward-model", "reward-query", "eval-num-steps",
-                "eval-guidance-scale", "resolution"}
+SHARED_FLAGS = {"prompts", "clip-model", "clip-weight", "reward-model", "reward-query", "aesthetic-clip", "hps-version",
+                "eval-num-steps", "eval-guidance-scale", "resolution"}
 X_AXES = {"compute": "compute (UNet image-step forwards + 2 x backwards)",
           "reward_evals": "reward queries (images scored in training)",
           "seconds": "training time (s; evaluations left out)"}

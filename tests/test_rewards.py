@@ -53,12 +53,13 @@ def tiny_hps(tmp_path_factory):
 
 
 def _options(name, tiny_models, request):
-    """The make/check options that point reward `name` at its tiny model (as --clip-model / --reward-model would)."""
+    """The make/check options that point reward `name` at its tiny model (as --clip-model / --aesthetic-clip /
+    --reward-model would)."""
     if name == "hpsv2":
         return {"reward_model": request.getfixturevalue("tiny_hps")[0]}
     return {"clipscore": {"clip_model": tiny_models["clip"]},
             "pickscore": {"reward_model": tiny_models["clip"]},
-            "aesthetic": {"clip_model": tiny_models["clip768"], "reward_model": tiny_models["head"]},
+            "aesthetic": {"aesthetic_clip": tiny_models["clip768"], "reward_model": tiny_models["head"]},
             "imagereward": {"reward_model": tiny_models["imagereward"]},
             "objectness": {"reward_model": tiny_models["owlvit"]}}.get(name, {})
 
@@ -307,13 +308,13 @@ def _loaded_modules(name, options):
     if name == "pickscore":
         return [rewards.load_clip(model, "cpu", torch.float32, None)[0]]
     if name == "aesthetic":
-        return [rewards.load_clip(options["clip_model"], "cpu", torch.float32)[0],
+        return [rewards.load_clip(options["aesthetic_clip"], "cpu", torch.float32)[0],
                 rewards.load_aesthetic_head(model, "cpu")]
     if name == "imagereward":
         return list(rewards.load_imagereward(model, "cpu", torch.float32)[:3])
     if name == "objectness":
         return [rewards.load_owlvit(model, "cpu", torch.float32)[0]]
-    return [rewards.load_hps(model, "cpu", torch.float32)[0]]
+    return [rewards.load_hps(model, rewards.HPS_VERSION, "cpu", torch.float32)[0]]
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
@@ -344,7 +345,7 @@ def test_pretrained_reward_runs_its_backbone_in_bf16_and_its_head_in_fp32(name, 
     assert half.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert ((half.detach() - full).abs() <= 0.05 * (full.abs() + 1)).all()
     if name == "aesthetic":
-        assert rewards.load_clip(options["clip_model"], "cpu", torch.bfloat16)[0].dtype == torch.bfloat16
+        assert rewards.load_clip(options["aesthetic_clip"], "cpu", torch.bfloat16)[0].dtype == torch.bfloat16
         assert rewards.load_aesthetic_head(options["reward_model"], "cpu").layers[0].weight.dtype == torch.float32
     if name == "imagereward":
         vision, text, head, _ = rewards.load_imagereward(options["reward_model"], "cpu", torch.bfloat16)
@@ -384,7 +385,7 @@ def test_aesthetic_is_the_head_on_the_unit_clip_embedding(tiny_models):
     x = image / image.norm(dim=-1, keepdim=True)
     for i in (0, 2, 4, 6, 7):  # eval mode: the dropouts are identities and there is no activation
         x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
-    score = rewards.aesthetic(images, PROMPTS, clip_model=tiny_models["clip768"], reward_model=tiny_models["head"])
+    score = rewards.aesthetic(images, PROMPTS, backbone=tiny_models["clip768"], reward_model=tiny_models["head"])
     torch.testing.assert_close(score, x.squeeze(-1))
 
 
@@ -434,6 +435,32 @@ def test_hpsv2_is_the_cosine_of_the_checkpoint_model(tiny_hps):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_hps_version_chooses_the_v2_0_or_the_v2_1_checkpoint(tiny_hps, tmp_path, capsys):
+    """AlignProp and DRaFT scored with HPS v2.0 (HPS_v2_compressed.pt), DRTune with v2.1 (the default): one folder
+    (or hub snapshot) holds both, and --hps-version picks the file."""
+    open_clip = _open_clip()
+    folder = tmp_path / "hps"
+    models = {version: tiny.tiny_hps(folder, seed=seed, version=version)[1]
+              for version, seed in (("2.0", 1), ("2.1", 0))}
+    images = torch.rand(3, 3, 32, 32)
+    pixels = rewards.clip_preprocess(images, 32, *_OPENAI, resize_mode="longest")
+    tokens = open_clip.get_tokenizer("ViT-H-14")(PROMPTS)
+    expected = {}
+    for version, model in models.items():
+        image, text, _ = model(pixels, tokens)  # unit features
+        expected[version] = (image * text).sum(-1)
+    assert not torch.allclose(expected["2.0"], expected["2.1"])  # two different models: the test can tell
+    for version in ("2.0", "2.1"):
+        fn = rewards.make("hpsv2", reward_model=str(folder), hps_version=version)[0]
+        torch.testing.assert_close(fn(images, PROMPTS), expected[version], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rewards.make("hpsv2", reward_model=str(folder))[0](images, PROMPTS), expected["2.1"],
+                               rtol=1e-4, atol=1e-5)
+    only_v21 = tiny_hps[0]  # a folder with HPS_v2.1_compressed.pt alone
+    _fails(capsys, lambda: rewards.check("hpsv2", reward_model=only_v21, hps_version="2.0"),
+           "no HPS_v2_compressed.pt there")
+    _fails(capsys, lambda: rewards.check("hpsv2", reward_model=only_v21, hps_version="2"), "--hps-version 2", "2.0")
+
+
 # --- The real LAION aesthetic head (the one weight file available offline) ---------------------------------
 
 needs_laion_head = pytest.mark.skipif(not LAION_HEAD.is_file(), reason=f"{LAION_HEAD} is not there")
@@ -454,7 +481,7 @@ def test_real_laion_head_loads_strictly_and_is_one_affine_map():
 
 @needs_laion_head
 def test_real_laion_head_scores_a_tiny_clip_end_to_end(tiny_models):
-    fn, differentiable = rewards.make("aesthetic", clip_model=tiny_models["clip768"], reward_model=str(LAION_HEAD))
+    fn, differentiable = rewards.make("aesthetic", aesthetic_clip=tiny_models["clip768"], reward_model=str(LAION_HEAD))
     images = torch.rand(4, 3, 32, 32).requires_grad_()
     scores = fn(images, [""] * 4)
     scores.sum().backward()
@@ -487,18 +514,19 @@ def test_bad_syntax_is_one_line_and_exit_2(spec, capsys):
     ("2*symmetry", ["symmetry"]),
     ("1e-3*colorfulness+-0.1*brightness", ["colorfulness", "brightness"]),
     ("aesthetic+-0.1*brightness", ["aesthetic", "brightness"]),
+    ("aesthetic+0.01*clipscore", ["aesthetic", "clipscore"]),  # two CLIPs: --aesthetic-clip and --clip-model
     ("pickscore+0.5*imagereward+-2*objectness", ["pickscore", "imagereward", "objectness"]),
 ])
 def test_weighted_sum_is_exactly_the_sum_of_its_parts(spec, names, tiny_models, request):
     options = {name: _options(name, tiny_models, request) for name in names}
     weights = [f"{name}={o['reward_model']}" for name, o in options.items() if "reward_model" in o]
-    clip = next((o["clip_model"] for o in options.values() if "clip_model" in o), "toy")
-    fn, differentiable = rewards.make(spec, clip_model=clip, clip_weight=0.01, reward_model=",".join(weights) or None)
+    shared = {"clip_model": "toy", "clip_weight": 0.01}  # the flags every term sees
+    shared |= {k: v for o in options.values() for k, v in o.items() if k in ("clip_model", "aesthetic_clip")}
+    fn, differentiable = rewards.make(spec, **shared, reward_model=",".join(weights) or None)
     images = torch.rand(3, 3, 32, 32)
     expected = 0
     for weight, name in rewards.parse(spec):
-        part = rewards.make(name, clip_model=clip, clip_weight=0.01, **{k: v for k, v in options[name].items()
-                                                                         if k == "reward_model"})[0]
+        part = rewards.make(name, **shared, **{k: v for k, v in options[name].items() if k == "reward_model"})[0]
         expected = expected + weight * part(images, PROMPTS)
     assert differentiable and torch.equal(fn(images, PROMPTS), expected)
 
@@ -533,12 +561,25 @@ def test_weights_in_the_wrong_shape_are_refused(capsys, tiny_models, tmp_path):
     _fails(capsys, lambda: rewards.check("objectness", reward_model=str(tmp_path / "missing")), "no such file")
     _fails(capsys, lambda: rewards.check("pickscore", reward_model=str(tmp_path)), "no config.json there")
     head_file = str(Path(tiny_models["head"]) / "aesthetic-model.pth")  # a .pth file itself is fine
-    assert rewards.check("aesthetic", clip_model=tiny_models["clip768"], reward_model=head_file)
+    assert rewards.check("aesthetic", aesthetic_clip=tiny_models["clip768"], reward_model=head_file)
 
 
 def test_aesthetic_refuses_a_clip_that_is_not_768_wide(capsys, tiny_models):
-    _fails(capsys, lambda: rewards.check("aesthetic", clip_model="toy", reward_model=tiny_models["head"]),
-           "768", "--clip-model toy", rewards.AESTHETIC_BACKBONE)
+    clip16 = tiny_models["clip"]
+    _fails(capsys, lambda: rewards.check("aesthetic", aesthetic_clip=clip16, reward_model=tiny_models["head"]),
+           "768", f"--aesthetic-clip {clip16}", rewards.AESTHETIC_BACKBONE)
+
+
+def test_aesthetic_backbone_does_not_follow_clip_model(tiny_models):
+    """--clip-model is clipscore's and symmetry's CLIP (DRTune's CLIPScore: ViT-H/14); the aesthetic head keeps
+    its ViT-L/14, --aesthetic-clip: a 16-d CLIP as --clip-model leaves the aesthetic score unchanged."""
+    options = {"aesthetic_clip": tiny_models["clip768"], "reward_model": tiny_models["head"]}
+    images = torch.rand(2, 3, 32, 32)
+    alone = rewards.make("aesthetic", **options)[0](images, PROMPTS[:2])
+    beside = rewards.make("aesthetic", clip_model=tiny_models["clip"], **options)[0](images, PROMPTS[:2])
+    torch.testing.assert_close(beside, alone)
+    torch.testing.assert_close(alone, rewards.aesthetic(images, PROMPTS[:2], backbone=tiny_models["clip768"],
+                                                        reward_model=tiny_models["head"]))
 
 
 def _write_user_module(folder: Path, name: str):
@@ -605,14 +646,15 @@ def _offline_cases():
         return lambda models: (name, {k: models.get(v, v) for k, v in options.items()})
 
     return {  # id -> (reward and options, the model the line must name)
-        "aesthetic-head": (opened("aesthetic", clip_model="clip768"), rewards.AESTHETIC_HEAD),
-        "aesthetic-clip": (opened("aesthetic", clip_model=rewards.AESTHETIC_BACKBONE, reward_model="head"),
+        "aesthetic-head": (opened("aesthetic", aesthetic_clip="clip768"), rewards.AESTHETIC_HEAD),
+        "aesthetic-clip": (opened("aesthetic", aesthetic_clip=rewards.AESTHETIC_BACKBONE, reward_model="head"),
                            rewards.AESTHETIC_BACKBONE),
         "clipscore": (opened("clipscore", clip_model="openai/clip-vit-large-patch14"), "openai/clip-vit-large-patch14"),
         "pickscore": (opened("pickscore"), rewards.PICKSCORE),
         "pickscore-tokenizer": (opened("pickscore", reward_model="clip_without_tokenizer"),
                                 rewards.PICKSCORE_PROCESSOR),
         "hpsv2": (opened("hpsv2"), rewards.HPS),
+        "hpsv2.0": (opened("hpsv2", hps_version="2.0"), "HPS_v2_compressed.pt"),
         "imagereward": (opened("imagereward"), rewards.IMAGEREWARD),
         "imagereward-vocab": (opened("imagereward", reward_model="imagereward_without_vocab"), rewards.BERT),
         "objectness": (opened("objectness"), rewards.OWLVIT),
@@ -628,7 +670,7 @@ def test_offline_missing_model_fails_fast_in_one_line(case, tiny_models, empty_o
     start = time.monotonic()
     err = _fails(capsys, lambda: rewards.check(name, **options), model, "hf download")
     assert time.monotonic() - start < 20  # a behaviour (no waiting on the network), not a benchmark
-    assert "--reward-model" in err or "--clip-model" in err or "put" in err
+    assert "--reward-model" in err or "--clip-model" in err or "--aesthetic-clip" in err or "put" in err
 
 
 def test_make_fails_as_check_does(tiny_models, empty_offline_cache, capsys):
@@ -658,7 +700,8 @@ def test_hpsv2_without_open_clip_names_the_extra(monkeypatch, capsys):
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tiny_models, request, tmp_path,
                                                                 monkeypatch):
-    """Through main(), as a user's command line: the tiny reward model passed by --reward-model / --clip-model."""
+    """Through main(), as a user's command line: the tiny reward model passed by --reward-model / --clip-model /
+    --aesthetic-clip."""
     import importlib
 
     options = _options(name, tiny_models, request)
@@ -667,6 +710,8 @@ def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tin
     flags += ["--K", "1", "--early-stop", "1"] if script == "drtune" else ["--sample-batches", "1", "--samples-per-prompt", "1"]
     if "clip_model" in options:
         flags += ["--clip-model", options["clip_model"]]
+    if "aesthetic_clip" in options:
+        flags += ["--aesthetic-clip", options["aesthetic_clip"]]
     if "reward_model" in options:
         flags += ["--reward-model", options["reward_model"]]
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags])
@@ -681,7 +726,7 @@ def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tin
 def test_a_new_reward_without_its_weights_fails_cleanly_offline_from_the_command_line(name, tmp_path):
     """`python drtune.py --reward NAME` with nothing downloaded: exit 2, one line naming what is missing, fast."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    flags = ["--clip-model", rewards.AESTHETIC_BACKBONE] if name in ("aesthetic", "clipscore") else []
+    flags = ["--clip-model", rewards.AESTHETIC_BACKBONE] if name == "clipscore" else []
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(ROOT / "drtune.py"), "--reward", name, *flags,
                              "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -2,8 +2,9 @@
 
 Each builder saves into a folder that `rewards.check`/`rewards.make` then load exactly as they would load a hub
 snapshot: a transformers folder (CLIP as CLIPScore/PickScore/aesthetic backbone, OWL-ViT), a folder holding
-aesthetic-model.pth, an HPS folder (open_clip_config.json + HPS_v2.1_compressed.pt) and an ImageReward folder
-whose ImageReward.pt uses the ORIGINAL checkpoint's key names (BLIP's ViT and BERT), so the key mapping is tested.
+aesthetic-model.pth, an HPS folder (open_clip_config.json + HPS_v2.1_compressed.pt and/or HPS_v2_compressed.pt)
+and an ImageReward folder whose ImageReward.pt uses the ORIGINAL checkpoint's key names (BLIP's ViT and BERT), so
+the key mapping is tested.
 """
 
 import json
@@ -88,9 +89,14 @@ HPS_CONFIG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "wi
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
-def tiny_hps(path, seed: int = 0):
-    """An HPS folder: open_clip_config.json (open_clip's own format) and HPS_v2.1_compressed.pt as {"state_dict"}.
-    The model is built from the same config registered under a name with open_clip.add_model_config."""
+HPS_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}  # the names in xswu/HPSv2
+
+
+def tiny_hps(path, seed: int = 0, version: str = "2.1"):
+    """An HPS folder: open_clip_config.json (open_clip's own format) and the version's checkpoint
+    (HPS_v2.1_compressed.pt, or HPS_v2_compressed.pt for 2.0) as {"state_dict"}; called again with the other version
+    on the same folder, it holds both. The model is built from the same config registered under a name with
+    open_clip.add_model_config."""
     import open_clip
 
     path = Path(path)
@@ -100,7 +106,7 @@ def tiny_hps(path, seed: int = 0):
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-hps-vit", pretrained=None)
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": HPS_CONFIG}))
-    torch.save({"state_dict": model.state_dict()}, path / "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": model.state_dict()}, path / HPS_FILES[version])
     return str(path), model.eval()
 
 
