@@ -1,6 +1,7 @@
 """The run around a method, the same for every script: its flags (RunArgs, the command line, the checks made
 before any work), the prompt sets, the reward the flags name, seeding and the device, and the run directory
-(args.json, metrics, eval grids, atomic checkpoints, resume, Ctrl-C, the NaN guard, progress): `Run`.
+(args.json, metrics, eval grids, atomic checkpoints, resume, Ctrl-C, the NaN guard, progress, TensorBoard, W&B with
+--track, the model card): `Run`.
 
 No algorithm lives here: a method script reads `common` for the diffusion, this module for its run, and
 `distributed` for its share of the batch.
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +66,13 @@ class RunArgs:
     """CPU threads for torch (0 = torch's default, often slower); 1 per job on a shared CPU; at most cores / ranks"""
     progress_every: float = 30.0
     """seconds between plain progress lines on stderr when it is not a terminal (nohup, cluster logs)"""
+    track: bool = False
+    """log the run to Weights & Biases (the track extra: pip install -e ".[track]"): its settings, every metrics row,
+    the eval grids, the LoRA as an artifact at the end; --resume continues the same W&B run"""
+    wandb_project_name: str = "reward-finetuning"
+    """the W&B project of --track"""
+    wandb_entity: str = ""
+    """the W&B team or user of --track; empty = your default entity"""
     eval_every: int = 10
     """evaluate every N iterations (0 = only before the first and after the last)"""
     eval_size: int = 16
@@ -94,10 +103,10 @@ class RunArgs:
 # The command line: tyro with one-line errors; --config reruns a run, --resume continues one
 # ---------------------------------------------------------------------------------------------
 
-# What a resumed run may change: how long it runs, how often it evaluates, saves and reports, and where it
-# runs. Everything else would make the continuation a different run from the one that was started.
+# What a resumed run may change: how long it runs, how often it evaluates, saves and reports, where it runs
+# and where it is tracked. Everything else would make the continuation a different run from the one that was started.
 RESUME_MAY_CHANGE = {"iters", "eval_every", "save_every", "progress_every", "budget", "budget_seconds", "device",
-                     "threads", "resume", "config", "run_dir"}
+                     "threads", "resume", "config", "run_dir", "track", "wandb_project_name", "wandb_entity"}
 
 
 def _flag_value(argv, name: str) -> str:
@@ -270,6 +279,8 @@ def check_common_args(args, differentiable: bool):
         fail(f"--device must be auto, cpu, cuda or cuda:N (got {args.device})")
     if args.eval_size < 2:
         fail(f"--eval-size must be at least 2 (the eval reward's std needs two images; got {args.eval_size})")
+    if args.track:
+        check_tracking(args)
     # `auto` follows the model: the toy world's CLIP and captions for the toy model (and the embedded one),
     # a real CLIP and the reward's prompt set for Stable Diffusion; resolved here, so args.json records them.
     toy = (args.model in (hub.TOY_MODEL, hub.EMBEDDED_MODEL)
@@ -308,6 +319,26 @@ def check_common_args(args, differentiable: bool):
         common.check_lora_file(args.init_lora, args.lora_rank, args.lora_targets, "--init-lora",
                                alpha=args.lora_alpha or args.lora_rank)
     return load_prompts(args.prompts)
+
+
+def check_tracking(args):
+    """--track: wandb is installed and, unless WANDB_MODE says offline or disabled, logged in (rank 0 alone tracks)."""
+    if not args.wandb_project_name.strip():
+        fail("--wandb-project-name must not be empty with --track")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return
+    try:
+        import wandb
+    except ImportError:
+        fail('--track needs Weights & Biases, the track extra: pip install -e ".[track]" (or pip install wandb)')
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    try:  # an API key from WANDB_API_KEY, ~/.netrc or `wandb login`; asks for one on a terminal
+        wandb.login(verify=False)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--track: no Weights & Biases login ({why}); run `wandb login`, set WANDB_API_KEY, or log offline "
+             "with WANDB_MODE=offline")
 
 
 def reward_options(args) -> dict:
@@ -427,6 +458,7 @@ def save_grid(images, path, ncols: int = 8):
     for i, image in enumerate(images):
         grid[(i // ncols) * h:(i // ncols + 1) * h, (i % ncols) * w:(i % ncols + 1) * w] = image
     Image.fromarray(grid).save(path)
+    return grid
 
 
 def load_checkpoint(run_dir, mmap: bool = False) -> dict:
@@ -505,14 +537,209 @@ def new_run_dir(name: str, reward: str, seed: int) -> Path:
     fail(f"cannot create a new run directory {base}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Tracking (--track: Weights & Biases) and the model card (README.md in the run directory)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def same_random_stream():
+    """Whatever runs inside leaves Python's, numpy's and torch's random state as it found it: a tracked run draws
+    what an untracked one does."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def wandb_run_id() -> str:
+    """A new W&B run id (8 base-36 characters, as wandb's own), from the system's randomness, not the run's."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def start_wandb(args, run_dir: Path, settings: dict):
+    """The W&B run of --track, named after the run directory; a resumed run continues the one its args.json names.
+    Its config: the resolved settings and their `_meta`; metrics are plotted against `iter`."""
+    import wandb
+
+    with same_random_stream():
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity or None, name=run_dir.name,
+                         id=settings["_meta"]["wandb_run_id"], resume="allow")
+        run.config.update(settings, allow_val_change=True)
+        # A resume logs again the iterations after its checkpoint: W&B's own step only grows, `iter` says which.
+        run.define_metric("iter")
+        run.define_metric("*", step_metric="iter")
+    return run
+
+
+def log_lora_artifact(run, run_dir: Path, rows: list):
+    """The finished run's LoRA, with its model card and args.json, as a W&B model artifact lora-<run id>."""
+    import wandb
+
+    evals = [r["eval_reward_mean"] for r in rows if "eval_reward_mean" in r]
+    with same_random_stream():
+        artifact = wandb.Artifact(f"lora-{run.id}", type="model", metadata={
+            "iterations": rows[-1]["iter"] if rows else 0,
+            **({"eval_reward_before": evals[0], "eval_reward_after": evals[-1]} if evals else {})})
+        for name in ("pytorch_lora_weights.safetensors", "README.md", "args.json"):
+            artifact.add_file(str(run_dir / name))
+        run.log_artifact(artifact)
+
+
+# The licences of the base models whose cards state one; a LoRA trained on them is theirs to license alike.
+BASE_MODEL_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-2-base": "openrail++",
+    "stabilityai/stable-diffusion-2": "openrail++",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+}
+
+
+def method_paper(script_file: str) -> str:
+    """The first paragraph of a method script's docstring: the method and its paper."""
+    import ast
+
+    path = Path(script_file)
+    if not path.is_file():
+        path = Path(__file__).parent / path.name
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    except (OSError, SyntaxError, ValueError):
+        doc = ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def model_card(run) -> str:
+    """README.md of a run directory, a folder the Hub takes as it is: diffusers' YAML front matter (base model,
+    tags, library, licence), the method and its paper, the reward, the command, the key hyperparameters, the eval
+    reward before and after, the last eval grid and three lines of diffusers that load the LoRA."""
+    import shlex
+
+    args, meta = run.args, run.meta
+    local = args.model in (hub.TOY_MODEL, hub.EMBEDDED_MODEL) or Path(args.model).expanduser().exists()
+    xl = run.unet.config.get("addition_embed_type") == "text_time"
+    paper = method_paper(run.script_file)
+    arxiv = re.findall(r"arXiv (\d{4}\.\d{4,5})", paper)
+    front = ["---"]
+    if not local:
+        front.append(f"base_model: {json.dumps(args.model)}")
+    if not local and args.model in BASE_MODEL_LICENSES:
+        front.append(f"license: {BASE_MODEL_LICENSES[args.model]}")
+    front += ["library_name: diffusers", "tags:"]
+    front += [f"- {tag}" for tag in ("text-to-image", "diffusers", "diffusers-training", "lora",
+                                     "stable-diffusion-xl" if xl else "stable-diffusion", "reward-fine-tuning",
+                                     Path(run.script).stem, *(f"arxiv:{a}" for a in arxiv))]
+    front.append("---")
+
+    if args.model == hub.TOY_MODEL:
+        model, base = "toyworld/sd", ("the toy world's Stable Diffusion (`toyworld/sd` of the repository this run "
+                                      "came from; the snippet's path is relative to its root)")
+    elif args.model == hub.EMBEDDED_MODEL:
+        model, base = args.model, ("the tests' embedded tiny Stable Diffusion (random weights), built in memory: "
+                                   "write it to a folder with `common.build_embedded_pipeline(folder)` and put that "
+                                   "folder's path in place of `embedded-tiny-sd` in the snippet")
+    elif local:
+        model, base = args.model, f"the local folder `{args.model}`"
+    else:
+        model, base = args.model, f"[{args.model}](https://huggingface.co/{args.model})"
+    if not local and args.model not in BASE_MODEL_LICENSES:
+        base += " (licence: the base model's; add it as `license:` above before uploading)"
+    if args.vae:
+        base += f", with the VAE `{args.vae}`"
+
+    if getattr(args, "feedback", "reward") == "human":
+        reward = f"people's choices (D3PO label files); evaluated with `{args.reward}`"
+    else:
+        reward = f"`{args.reward}`"
+    if "symmetry" in args.reward:
+        reward += f" (CLIP-score regulariser weight {args.clip_weight}, CLIP `{args.clip_model}`)"
+    if args.reward_model:
+        reward += f", weights `{args.reward_model}`"
+    command = "python " + shlex.join(meta["started_with"])
+    if meta["ranks"] > 1:
+        command = f"torchrun --nproc-per-node {meta['ranks']} " + shlex.join(meta["started_with"])
+    shared = {f.name for f in fields(RunArgs)}  # the method's own flags are its hyperparameters
+    values = [(f.name, getattr(args, f.name)) for f in fields(args) if f.name not in shared]
+    table = [f"| `{flag(name)}` | {f'`{value}`' if isinstance(value, str) else json.dumps(value)} |"
+             for name, value in values if value not in ("", None)]
+    table += [f"| `--seed` | {args.seed} |", f"| global batch | {meta['global_batch']} ({meta['ranks']} "
+              f"{'rank' if meta['ranks'] == 1 else 'ranks'}) |"]
+
+    evals = [r for r in run.rows if "eval_reward_mean" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        rows = [(first, "before (iteration 0)" if first["iter"] == 0 else f"first (iteration {first['iter']})")]
+        if len(evals) > 1:
+            rows.append((last, f"after {plural(last['iter'], 'iteration')}{'' if last.get('final') else ' (so far)'}"))
+        evaluation = ["| model | eval reward (mean ± std) |", "|---|---|"]
+        evaluation += [f"| {what} | {r['eval_reward_mean']:.4f} ± {r.get('eval_reward_std', float('nan')):.4f} |"
+                       for r, what in rows]
+    else:
+        evaluation = ["No evaluation yet."]
+    grids = sorted((int(m[1]), p.name) for p in run.dir.glob("eval_*.png")
+                   if (m := re.fullmatch(r"eval_(\d+)\.png", p.name)) and int(m[1]) <= run.next_iter)
+    grid = [f"![the eval grid after {plural(grids[-1][0], 'iteration')}]({grids[-1][1]})",
+            "", f"The last eval grid ({grids[-1][1]}): {args.eval_size} evaluation prompts, fixed noise, deterministic "
+            f"DDIM with {args.eval_num_steps} steps, guidance {args.eval_guidance_scale:g}."] if grids else []
+    done = f"{plural(run.next_iter, 'iteration')} of {args.iters}"
+
+    body = [
+        f"# {run.name}: a reward fine-tuned LoRA",
+        "",
+        f"A LoRA (rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g}) on the UNet of {base}, trained "
+        f"by `{run.script}` for {done}.",
+        "",
+        f"- **Method**: {paper or run.name}" + "".join(f" [arXiv:{a}](https://arxiv.org/abs/{a})" for a in arxiv),
+        f"- **Reward**: {reward}",
+        f"- **Prompts**: `{args.prompts}`",
+        f"- **Command**: `{command}` (every setting: `args.json`; `--config args.json` reruns them)",
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(model)})",
+        f"pipe.load_lora_weights({json.dumps(str(run.dir))})",
+        "```",
+        "",
+        f"`{run.dir}` is this folder (or the Hub repository it is uploaded to); the LoRA file records its alpha, "
+        "so it draws at the scale it was trained with.",
+        "",
+        "## Evaluation",
+        "",
+        *evaluation,
+        "",
+        *grid,
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *table,
+        "",
+        f"Files: `pytorch_lora_weights.safetensors` (the LoRA), `args.json` (the settings, package versions, git "
+        f"commit), `metrics.jsonl` (one row per iteration), `eval_*.png`, `checkpoint.pt` (to `--resume`).",
+    ]
+    return "\n".join(front + [""] + body) + "\n"
+
+
 class Run:
     """The run directory and the loop's bookkeeping, the same for every script.
 
     RUN_DIR holds args.json (the flags, and `_meta`: script, command, package versions, git commit, device,
     ranks), metrics.jsonl (one row per iteration), eval grids, pytorch_lora_weights.safetensors and checkpoint.pt
-    (LoRA, optimizer, RNG states, the method's `state`, the metrics so far, the compute count), both rewritten
-    atomically every --save-every iterations, at the end and when stopped by Ctrl-C or SIGTERM. With --resume
-    the loop continues from the checkpoint as the uninterrupted run would have (bitwise on the CPU). `state`
+    (LoRA, optimizer, RNG states, the method's `state`, the metrics so far, the compute count) and README.md (the
+    model card), all rewritten atomically every --save-every iterations, at the end and when stopped by Ctrl-C or
+    SIGTERM; a TensorBoard log (scalars, eval grids) when tensorboard is installed, a W&B run with --track. With
+    --resume the loop continues from the checkpoint as the uninterrupted run would have (bitwise on the CPU). `state`
     is the method's own state between iterations, as plain data (e.g. DDPO's per-prompt reward buffers).
     Under torchrun every rank keeps the same rows, state and weights; rank 0 alone writes, evaluates and reports.
     """
@@ -536,13 +763,19 @@ class Run:
         self.next_iter = self.start_iter
         self.start = self.last_progress = time.time()
         self.cuda = torch.device(device).type == "cuda"
-        self.tty, self.tb, self.bar = sys.stderr.isatty(), None, None
+        self.tty, self.tb, self.bar, self.wandb, self.grids = sys.stderr.isatty(), None, None, None, []
+        self.script_file = script_file
         if not self.lead:
             return
         world = distributed.WORLD
         meta = run_metadata(self.script, device) | {"resumed_at": self.start_iter, "ranks": world,
                                                    "global_batch": args.batch_size * world * max(1, args.grad_accum)}
-        settings = asdict(args) | {"_meta": meta}
+        before = self._saved_meta() if args.resume else {}
+        # the command of the run's first start (what its model card shows)
+        meta["started_with"] = before.get("started_with") or before.get("command") or meta["command"]
+        if before.get("wandb_run_id") or args.track:  # kept for a later --resume --track, if not tracked now
+            meta["wandb_run_id"] = before.get("wandb_run_id") or wandb_run_id()
+        self.meta, settings = meta, asdict(args) | {"_meta": meta}
         write_atomic(self.dir / "args.json", lambda f: f.write(json.dumps(settings, indent=2, default=str).encode()))
         self.metrics = open(self.dir / "metrics.jsonl", "a")
         try:
@@ -551,12 +784,22 @@ class Run:
             self.tb = SummaryWriter(str(self.dir), purge_step=self.start_iter)
         except Exception:  # TensorBoard is optional
             self.tb = None
+        if args.track:
+            self.wandb = start_wandb(args, self.dir, settings)
         from tqdm import tqdm
 
         self.bar = tqdm(total=args.iters, initial=self.start_iter, desc=self.dir.name, disable=not self.tty)
         if world > 1:
             print(f"{self.name}: {world} ranks, global batch {meta['global_batch']} (batch {args.batch_size} x "
                   f"{world} ranks x grad-accum {max(1, args.grad_accum)})", file=sys.stderr, flush=True)
+
+    def _saved_meta(self) -> dict:
+        """The `_meta` of the args.json a resumed run was started with (parse_args has read it once already)."""
+        try:
+            meta = json.loads((self.dir / "args.json").read_text()).get("_meta")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     def _new_dir(self, run_dir: str) -> Path:
         if not run_dir:
@@ -692,7 +935,7 @@ class Run:
             self.stop(f"iteration {it}: {found}")
 
     def stop(self, reason: str):
-        self._close()
+        self._close(3)
         if self.lead:
             print(f"error: {self.name}: {reason}; stopped, {self._kept('the last good checkpoint')}", file=sys.stderr,
                   flush=True)
@@ -710,10 +953,20 @@ class Run:
             return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        grids, self.grids = self.grids, []  # the eval grids saved for this row
         if self.tb:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "iter":
                     self.tb.add_scalar(key, value, row["iter"])
+            for _, grid in grids:
+                self.tb.add_image("eval_grid", grid, row["iter"], dataformats="HWC")
+        if self.wandb:
+            import wandb
+
+            with same_random_stream():
+                images = [wandb.Image(str(self.dir / name), caption=f"{name}: {self.args.eval_size} eval prompts, "
+                                      f"fixed noise (iteration {row['iter']})") for name, _ in grids]
+                self.wandb.log(row | ({"eval_grid": images[0] if len(images) == 1 else images} if images else {}))
         if row.get("final"):
             return
         self.bar.update(1)
@@ -729,7 +982,8 @@ class Run:
                   + f"  {per_it:.2f} s/it  ETA {eta}", file=sys.stderr, flush=True)
 
     def save_images(self, images, name: str):
-        save_grid(images, self.dir / name)
+        """An eval grid: RUN_DIR/name, and in TensorBoard and W&B with the row logged next (rank 0)."""
+        self.grids.append((name, save_grid(images, self.dir / name)))
 
     def save(self):
         """checkpoint.pt and pytorch_lora_weights.safetensors, each written aside and swapped in (rank 0)."""
@@ -746,15 +1000,21 @@ class Run:
                           "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(common.COMPUTE),
                           "elapsed": self.elapsed(), "eval_seconds": self.eval_seconds, "ranks": distributed.WORLD}
             write_atomic(self.dir / CHECKPOINT, lambda f: torch.save(checkpoint, f))
+            card = model_card(self)
+            write_atomic(self.dir / "README.md", lambda f: f.write(card.encode()))
         self.saved_iter = self.next_iter
 
-    def _close(self):
+    def _close(self, exit_code: int = 0):
         self._release_signals()
         if self.lead:
             self.bar.close()
             self.metrics.close()
             if self.tb:
                 self.tb.close()
+            if self.wandb:
+                with same_random_stream():
+                    self.wandb.finish(exit_code=exit_code)
+                self.wandb = None
 
     def finish(self, evaluate):
         """After the loop: the evaluation of the final model as a row of its own ({"iter": N, "final": true}, N
@@ -766,7 +1026,9 @@ class Run:
             self.log({"iter": self.next_iter, "final": True} | evaluate(self.next_iter))
         if self.next_iter != self.saved_iter or not stopped:
             self.save()
-        self._close()
+        if self.wandb and not stopped:
+            log_lora_artifact(self.wandb, self.dir, self.rows)
+        self._close(130 if stopped else 0)
         done = f"{self.next_iter} of {plural(self.args.iters, 'iteration')}"
         if stopped:
             print(f"{self.name}: stopped after {done}, with a checkpoint; {self._resume_hint()}", file=sys.stderr,
