@@ -4,8 +4,12 @@ Models on Differentiable Rewards", arXiv 2309.17400), with its variants DRaFT-K 
 Backpropagate a differentiable reward of the final sample through the DDIM sampling chain into LoRA weights:
   DRaFT     (--K -1): through all T steps, each UNet call checkpointed so memory does not grow with T;
   DRaFT-K   (--K k):  only through the last k steps; the earlier ones run under no_grad (DRTune Alg. 1 line 2);
-  DRaFT-LV  (--K 1 --lv n): K = 1 plus n re-noised copies of the final sample, each denoised by one more
-            differentiable last step; the reward is averaged over the 1 + n terms (lower-variance gradient).
+  DRaFT-LV  (--K 1 --lv n): the paper's DRaFT-LV algorithm: the whole rollout runs without gradient; its final
+            sample x0 is re-noised n times to the last step's noise level with fresh noise, and each copy is
+            denoised by one differentiable last step; the loss is minus the mean of the n copies' rewards over
+            the n * B terms (the paper sums the n gradients: the same direction, a constant factor apart). The
+            rollout's own reward is logged, not trained on. --lv-with-rollout adds the rollout's differentiable
+            last step as a (1 + n)-th term, as FlowBP's port does.
 Optional DRaFT+ (NeMo-Aligner): --kl-coeff c adds c * mean (eps_theta - eps_pretrained)^2 on the trained steps.
 
 Quick run on the toy world (CPU, minutes):
@@ -69,7 +73,11 @@ class Args(runner.RunArgs):
     K: int = -1
     """backpropagate through the last K sampling steps; -1 (or >= T) = all of them (plain DRaFT)"""
     lv: int = 0
-    """DRaFT-LV: number n of extra re-noised last-step samples (needs --K 1; paper: 2); 0 = off"""
+    """DRaFT-LV: number n of re-noised copies of the final sample, each denoised by one differentiable last step
+    (needs --K 1; paper: 2); 0 = off"""
+    lv_with_rollout: bool = False
+    """DRaFT-LV with 1 + n reward terms (FlowBP's port): the rollout's own last step carries gradient too; off = the
+    paper's n terms"""
     stop_grad_input: bool = False
     """DRTune eq. 3 on this method: feed sg(x_t) to the UNet, so gradient reaches an earlier step only through the
     linear part of the DDIM update (DRTune sec. 4.2, Fig. 6-7: it helps DRaFT and AlignProp too)"""
@@ -86,9 +94,11 @@ def check_args(args: Args):
     if args.K == 0 or args.K < -1:
         fail(f"--K must be -1 (all steps) or at least 1 (got {args.K})")
     if args.lv < 0:
-        fail(f"--lv must be 0 (off) or a positive number of extra samples (got {args.lv})")
+        fail(f"--lv must be 0 (off) or a positive number of re-noised copies (got {args.lv})")
     if args.lv and args.K != 1:
         fail(f"--lv {args.lv} is DRaFT-LV, which is defined for --K 1 only (got --K {args.K})")
+    if args.lv_with_rollout and not args.lv:
+        fail("--lv-with-rollout adds the rollout's last step to DRaFT-LV's terms; it needs --lv n")
     if args.kl_coeff < 0:
         fail(f"--kl-coeff must be non-negative (got {args.kl_coeff})")
     if args.grad_accum < 1 or args.eval_size < 1:
@@ -106,11 +116,10 @@ def draft_steps(T: int, K: int):
 def lv_terms(pipe, x0, cond, uncond, n: int, *, guidance_scale: float, eta: float, checkpoint: bool = True):
     """DRaFT-LV: n re-noised copies of the final latent, each denoised by one differentiable last step.
 
-    The summary leaves open how the copies are made; we follow the notes (implementations.md §6, FlowBP):
-    x0 is detached (the gradient comes only from the last step, as with K = 1), noised to the level of the
-    last step's input x_{t_1} with q(x_{t_1} | x_0) = N(sqrt(a_1) x0, (1 - a_1) I) with fresh noise per copy
-    (latents, not re-encoded pixels), then denoised by the very update the rollout's last step uses (same
-    DDIM eta and CFG). Returns the n * B denoised latents, the copies stacked along the batch.
+    The paper's DRaFT-LV algorithm: x0 = sg(x0) (the rollout ran without gradient), for i = 1..n noised to the
+    level of the last step's input x_{t_1} with q(x_{t_1} | x_0) = N(sqrt(a_1) x0, (1 - a_1) I), fresh noise per
+    copy (latents, not re-encoded pixels, as in FlowBP's port), then denoised by the very update the rollout's
+    last step uses (same DDIM eta and CFG). Returns the n * B denoised latents, the copies stacked along the batch.
     """
     scheduler = pipe.scheduler
     t_last = scheduler.timesteps[-1]  # set by the rollout that produced x0
@@ -131,9 +140,9 @@ def kl_to_pretrained(pipe, latents, timesteps, grad_steps, cond, uncond, guidanc
                      checkpoint: bool = True):
     """DRaFT+ (NeMo-Aligner): mean (eps_theta(x_t) - eps_pretrained(x_t))^2 over the trained steps.
 
-    Evaluated on the recorded sg(x_t); NeMo uses the live x_t, which only differs for K > 1 (its penalty's
-    gradient then also flows through x_t into earlier steps). The pretrained model is the same UNet with the
-    LoRA adapter disabled, so no second copy is held.
+    Evaluated on the recorded sg(x_t) (for DRaFT-LV the rollout's input to its last step); NeMo uses the live
+    x_t, which only differs for K > 1 (its penalty's gradient then also flows through x_t into earlier steps).
+    The pretrained model is the same UNet with the LoRA adapter disabled, so no second copy is held.
     """
     penalty = 0.0
     for i in grad_steps:
@@ -179,8 +188,10 @@ def main():
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
 
-        # ALGO LOGIC: which steps carry gradient (DRaFT: all; DRaFT-K and DRaFT-LV: the last K)
+        # ALGO LOGIC: which steps carry gradient (DRaFT: all; DRaFT-K: the last K; DRaFT-LV: the last step, taken
+        # again on n re-noised copies of the final sample, after a rollout without gradient)
         grad_steps = draft_steps(T, K)
+        rollout_grad_steps = [] if args.lv and not args.lv_with_rollout else grad_steps
 
         rewards_seen, loss_total, kl_total = [], 0.0, 0.0
         for _ in range(args.grad_accum):
@@ -188,18 +199,19 @@ def main():
             cond = common.encode_prompts(pipe, batch)
             x_T = common.initial_latents(pipe, args.batch_size, resolution)
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
-                                 eta=args.eta, grad_steps=grad_steps,
+                                 eta=args.eta, grad_steps=rollout_grad_steps,
                                  stop_grad_input=args.stop_grad_input, checkpoint=args.gradient_checkpointing,
                                  record=args.kl_coeff > 0)
-            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_gradient_checkpointing)
-            reward = reward_fn(images, batch)
-            all_rewards = reward
-            if args.lv:  # DRaFT-LV: 1 + n reward terms, all from a differentiable last step
+            with torch.set_grad_enabled(bool(rollout_grad_steps)):  # DRaFT-LV: the rollout's reward is only logged
+                images = common.decode(pipe.vae, out.output, checkpoint=args.vae_gradient_checkpointing)
+                reward = reward_fn(images, batch)
+            trained_rewards = [reward] if rollout_grad_steps else []
+            if args.lv:  # DRaFT-LV: n reward terms, each through one differentiable last step (+ the rollout's)
                 x0_lv = lv_terms(pipe, out.output, cond, uncond, args.lv, guidance_scale=args.guidance_scale,
                                  eta=args.eta, checkpoint=args.gradient_checkpointing)
                 images_lv = common.decode(pipe.vae, x0_lv, checkpoint=args.vae_gradient_checkpointing)
-                all_rewards = torch.cat([reward, reward_fn(images_lv, batch * args.lv)])
-            loss = -all_rewards.mean()  # ascend the reward of the final sample(s)
+                trained_rewards.append(reward_fn(images_lv, batch * args.lv))
+            loss = -torch.cat(trained_rewards).mean()  # ascend the reward of the final sample(s)
             if args.kl_coeff:  # DRaFT+: stay close to the pretrained eps on the trained steps
                 kl = kl_to_pretrained(pipe, out.latents, out.timesteps, grad_steps, cond, uncond,
                                       args.guidance_scale, args.gradient_checkpointing)

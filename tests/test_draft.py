@@ -8,7 +8,7 @@ from torch.utils._pytree import tree_flatten
 import common
 import draft
 import rewards
-from gradient_family import TINY, check_run_dir, expect_bad_input, run_main, run_scripts
+from gradient_family import TINY, RewardCall, check_run_dir, expect_bad_input, run_main, run_scripts
 
 
 def test_draft_steps_are_all_steps_or_the_last_k():
@@ -48,23 +48,56 @@ def test_stop_grad_input_detaches_exactly_the_unet_input(stop_grad_input, monkey
     assert all(r["grad_norm"] > 0 for r in rows)
 
 
-def test_lv_has_1_plus_n_reward_terms_and_gradient_only_through_the_last_step(monkeypatch, tmp_path):
-    T, n, B = 4, 2, 2
-    trace, _ = run_main(draft, [*TINY, "--num-steps", str(T), "--K", "1", "--lv", str(n)], monkeypatch,
-                        tmp_path / "run")
-    segments = trace.training_segments()
-    assert len(segments) == 4  # per update: the rollout's reward, then the re-noised copies' reward
-    t_last = int(trace.pipe.scheduler.timesteps[-1])
-    for (rollout_calls, base), (lv_calls, extra) in zip(segments[::2], segments[1::2]):
-        assert [c.requires_grad for c in rollout_calls] == [False] * (T - 1) + [True]
-        assert rollout_calls[-1].grad > 0
+def reward_groups(trace):
+    """[(the UNet calls since the previous reward call, the reward call)] for every reward call, in order."""
+    groups, calls = [], []
+    for event in trace.events:
+        if isinstance(event, RewardCall):
+            groups.append((calls, event))
+            calls = []
+        else:
+            calls.append(event)
+    return groups
+
+
+@pytest.mark.parametrize("with_rollout", [False, True])
+def test_lv_trains_on_n_renoised_copies_of_the_detached_final_sample(with_rollout, monkeypatch, tmp_path):
+    """The paper's DRaFT-LV: a rollout without gradient, then n copies of its final x0 re-noised to the last step's
+    level, x_{t_1} = sqrt(a_1) sg(x0) + sqrt(1 - a_1) eps_i with fresh eps_i, each through one differentiable last
+    step; loss = -mean of the n * B copies' rewards, so d loss / d r = -1/(n B) per copy and the rollout's own last
+    step gets nothing. --lv-with-rollout (FlowBP's port) makes the rollout's last step a (1 + n)-th term."""
+    T, n, B, w = 4, 2, 2, 5.0  # w: draft.py's default guidance scale
+    flags = [*TINY, "--num-steps", str(T), "--K", "1", "--lv", str(n)] + ["--lv-with-rollout"] * with_rollout
+    trace, rows = run_main(draft, flags, monkeypatch, tmp_path / "run")
+    scheduler = trace.pipe.scheduler
+    timesteps = [int(t) for t in scheduler.timesteps]
+    groups = reward_groups(trace)
+    lv = [i for i, (_, score) in enumerate(groups) if score.requires_grad and len(score.images) == n * B]
+    assert len(lv) == len(rows) == 2  # one set of copies per update
+    terms = n + with_rollout
+    for i, row in zip(lv, rows):
+        (rollout_calls, base), (lv_calls, copies) = groups[i - 1], groups[i]
+        assert [c.t for c in rollout_calls] == timesteps  # the rollout is the training chain
+        assert [c.requires_grad for c in rollout_calls] == [False] * (T - 1) + [with_rollout]
+        assert base.requires_grad == with_rollout and len(base.images) == B
+        if with_rollout:
+            assert rollout_calls[-1].grad > 0
+            torch.testing.assert_close(base.grad, torch.full_like(base.grad, -1 / (terms * B)))
+        # the logged reward is the rollout's (brightness: the mean pixel)
+        assert row["reward_mean"] == pytest.approx(base.images.mean().item(), rel=1e-5)
         assert len(lv_calls) == 1  # the n copies share one batched, differentiable last-step call
-        assert lv_calls[0].t == t_last and lv_calls[0].batch == 2 * n * B  # x2: CFG's cond + uncond
-        assert lv_calls[0].grad > 0
-        assert len(base.images) == B and len(extra.images) == n * B
-        # the loss is minus the mean over all (1 + n) * B reward terms
-        for score in (base, extra):
-            torch.testing.assert_close(score.grad, torch.full_like(score.grad, -1 / ((1 + n) * B)))
+        call = lv_calls[0]
+        assert call.t == timesteps[-1] and call.batch == 2 * n * B and call.grad > 0  # x2: CFG's uncond + cond
+        torch.testing.assert_close(copies.grad, torch.full_like(copies.grad, -1 / (terms * B)))
+        # the copies' input: the rollout's final x0 (its last DDIM step, eta 0), re-noised with fresh noise each
+        last = rollout_calls[-1]
+        guided = last.out[:B] + w * (last.out[B:] - last.out[:B])
+        x0 = common.ddim_step_with_logprob(scheduler, guided, timesteps[-1], last.x[:B], 0.0)[0]
+        alpha_bar = scheduler.alphas_cumprod[timesteps[-1]]
+        eps = (call.x[:n * B] - alpha_bar.sqrt() * x0.repeat(n, 1, 1, 1)) / (1 - alpha_bar).sqrt()
+        assert abs(eps.mean()) < 0.1 and 0.9 < eps.std() < 1.1  # N(0, I) noise
+        correlation = torch.corrcoef(torch.stack([eps[:B].flatten(), eps[B:2 * B].flatten()]))[0, 1]
+        assert abs(correlation) < 0.2  # a fresh draw per copy
 
 
 def test_drafts_plus_kl_is_zero_before_the_first_update_then_positive(monkeypatch, tmp_path):
@@ -122,6 +155,7 @@ def test_full_draft_memory_does_not_grow_with_the_number_of_steps(pipe):
     (["--K", "2", "--lv", "2"], "--lv"),
     (["--K", "0"], "--K"),
     (["--lv", "-1"], "--lv"),
+    (["--K", "1", "--lv-with-rollout"], "--lv-with-rollout"),
     (["--reward", "jpeg_compressibility"], "not differentiable"),
     (["--kl-coeff", "-1"], "--kl-coeff"),
 ])
