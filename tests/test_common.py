@@ -844,8 +844,8 @@ def hand_count(method, row):
     model, batch 2, guidance on: a guided call is 2 image-steps per image; checkpointed calls run twice)."""
     if method == "drtune":  # T 4, stop at t_min 1: 4 guided calls; both trained steps reached, recomputed
         return {"unet_forwards": 4 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 2, "reward_evals": 2}
-    if method == "draft":  # T 3, K 1, LV 1: 3 guided calls, the last recomputed; one LV call on the 2 copies, too
-        return {"unet_forwards": 3 * 4 + 4 + 2 * 4, "unet_backwards": 4 + 4, "vae_decodes": 4, "reward_evals": 4}
+    if method == "draft":  # T 3, K 1, LV 1: 3 guided calls without gradient; one LV call on the 2 copies, recomputed
+        return {"unet_forwards": 3 * 4 + 2 * 4, "unet_backwards": 4, "vae_decodes": 4, "reward_evals": 4}
     if method == "refl":  # no guidance (ReFL's 1.0); calls down to the stop step, which is trained and recomputed
         calls = 4 - row["t_stop"] + 1
         return {"unet_forwards": 2 * calls + 2, "unet_backwards": 2, "vae_decodes": 2, "reward_evals": 2}
