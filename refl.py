@@ -4,7 +4,9 @@ Preferences for Text-to-Image Generation", arXiv 2304.05977), as written in DRTu
 Sample without gradient down to a random stop step t ~ randint(T1, T2) counted from the end (the original:
 40 DDPM steps, t in [1, 10]); make one UNet call with gradient there, decode the x0 it predicts and score it;
 loss = lambda * ReLU(phi - r). Optionally regularise with the pre-training (denoising) loss on a folder of
-captioned images, as the paper does (the public SD 1.x script leaves it out).
+captioned images as the paper's Algorithm 1 does: each iteration first takes an optimizer step on the pre-training
+loss, then one on the ReFL loss (ImageReward's ReFL_SDXL scripts do the same; its SD 1.4 ReFL.py has no
+pre-training loss).
 
 --pretrain-data DIR: a folder of images with a `metadata.jsonl`, one JSON object per line naming an image in
 the folder and its caption, in the Hugging Face ImageFolder layout:
@@ -96,7 +98,8 @@ class Args(runner.RunArgs):
     pretrain_data: str = ""
     """folder of captioned images for the pre-training loss (format in the docstring); empty = off"""
     pretrain_weight: float = 1.0
-    """weight of the pre-training (denoising) loss when --pretrain-data is given"""
+    """weight of the pre-training (denoising) loss in its own optimizer step, when --pretrain-data is given (the
+    paper: 1, no weight)"""
     gradient_checkpointing: bool = True
     """recompute every differentiable UNet call in backward: activation memory O(1) in the trained steps"""
     vae_gradient_checkpointing: bool = False
@@ -181,6 +184,17 @@ def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
     return torch.nn.functional.mse_loss(prediction, target)
 
 
+def update(run, it: int, params, optimizer, grad_clip: float, **logged):
+    """One optimizer step on the gradients accumulated so far: averaged over the ranks, clipped, the NaN guard
+    (`logged` values and the gradient norm), step. Returns the gradient norm before clipping."""
+    distributed.average_gradients(params)  # over the ranks, before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    run.guard(it, **logged, grad_norm=grad_norm)  # no NaN reaches the weights
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def main():
     # TRY NOT TO MODIFY: setup
     args = runner.parse_args(Args, __file__)
@@ -212,10 +226,20 @@ def main():
         if it == 0 or (args.eval_every and it % args.eval_every == 0):
             row |= evaluate(it)
 
-        # ALGO LOGIC: one gradient step, where sampling stops (Algorithm 1 lines 7-10, 17-21)
+        # ALGO LOGIC: one gradient step, where sampling stops (DRTune's Algorithm 1 lines 7-10, 17-21)
         grad_steps, stop_step = refl_steps(T, args.t1, args.t2)
 
-        rewards_seen, loss_total, pretrain_total = [], 0.0, 0.0
+        if pretrain_pairs:  # ImageReward Alg. 1: first an update w <- w - lr grad L_pre on captioned images
+            pretrain_total = 0.0
+            for _ in range(args.grad_accum):
+                pretrain = pretrain_loss(pipe, pretrain_pairs, args.batch_size, resolution) / args.grad_accum
+                (args.pretrain_weight * pretrain).backward()
+                pretrain_total += pretrain.item()
+            norm = update(run, it, params, optimizer, args.grad_clip, pretrain_loss=pretrain_total)
+            row |= {"pretrain_loss": distributed.mean_over_ranks(pretrain_total), "pretrain_grad_norm": norm}
+
+        # then the ReFL update, on the model the pre-training step left (Alg. 1's second update)
+        rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum):
             batch = distributed.choices(prompts, args.batch_size)  # this rank's share
             cond = common.encode_prompts(pipe, batch)
@@ -223,31 +247,21 @@ def main():
             out = common.rollout(pipe, cond, uncond, x_T, num_steps=T, guidance_scale=args.guidance_scale,
                                  eta=args.eta, grad_steps=grad_steps, stop_step=stop_step,
                                  checkpoint=args.gradient_checkpointing)
-            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_gradient_checkpointing)  # decoded x0 prediction
+            # the decoded x0 prediction
+            images = common.decode(pipe.vae, out.output, checkpoint=args.vae_gradient_checkpointing)
             reward = reward_fn(images, batch)
-            loss = lam * torch.relu(phi - reward).mean()  # ReFL loss: lambda * ReLU(phi - r)
-            if pretrain_pairs:  # the paper's regulariser; the SDXL scripts instead alternate two optimizer steps
-                pretrain = pretrain_loss(pipe, pretrain_pairs, args.batch_size, resolution)
-                loss = loss + args.pretrain_weight * pretrain
-                pretrain_total += pretrain.item() / args.grad_accum
-            loss = loss / args.grad_accum
+            loss = lam * torch.relu(phi - reward).mean() / args.grad_accum  # ReFL loss: lambda * ReLU(phi - r)
             loss.backward()
             rewards_seen.append(reward.detach())
             loss_total += loss.item()
-        distributed.average_gradients(params)  # over the ranks, before clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         reward_all = distributed.gather(torch.cat(rewards_seen))  # the global batch's
-        run.guard(it, reward=reward_all, loss=loss_total, grad_norm=grad_norm)  # no NaN reaches the weights
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = update(run, it, params, optimizer, args.grad_clip, reward=reward_all, loss=loss_total)
         samples_seen += args.batch_size * args.grad_accum * distributed.WORLD
 
         # TRY NOT TO MODIFY: logging
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": distributed.mean_over_ranks(loss_total), "grad_norm": grad_norm.item(),
                 "samples_seen": samples_seen, "t_stop": T - stop_step, "trained_steps": grad_steps}
-        if pretrain_pairs:
-            row["pretrain_loss"] = pretrain_total
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

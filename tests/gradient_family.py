@@ -30,6 +30,7 @@ class UNetCall:
     input_requires_grad: bool  # its latent input carries gradient (to earlier steps)
     x: torch.Tensor  # its latent input
     out: torch.Tensor  # its raw output
+    cond: torch.Tensor  # its text conditioning (the whole batch's: uncond then cond under CFG)
     grad: float | None = None  # sum |d loss / d output|, once backward has reached this call
 
 
@@ -52,7 +53,7 @@ class Trace:
         sample = output.sample
         t = torch.as_tensor(args[1])
         call = UNetCall(int(t) if t.numel() == 1 else -1, args[0].shape[0], sample.requires_grad, args[0].requires_grad,
-                        args[0].detach().clone(), sample.detach().clone())
+                        args[0].detach().clone(), sample.detach().clone(), args[2].detach().clone())
         if sample.requires_grad:
             sample.register_hook(lambda g: setattr(call, "grad", g.abs().sum().item()))
         self.events.append(call)

@@ -8,6 +8,7 @@ from PIL import Image
 
 import common
 import refl
+import runner
 from gradient_family import TINY, check_run_dir, expect_bad_input, run_main, run_scripts
 
 
@@ -58,16 +59,38 @@ def test_gradient_only_at_the_stop_step_and_the_reward_sees_its_x0_prediction(cf
         torch.testing.assert_close(score.images, expected, atol=1e-5, rtol=1e-4)
         # lambda * ReLU(phi - r) with the brightness defaults (phi = 1, lambda = 1): d loss / d r = -1/B
         torch.testing.assert_close(score.grad, torch.full_like(score.grad, -1 / 2))
+    # no update before the first rollout: it runs the pretrained model (the LoRA starts as the identity)
+    torch.testing.assert_close(segments[0][0][0].out, pretrained_output(trace.pipe, segments[0][0][0]))
 
 
-def test_pretrain_data_adds_the_denoising_loss(monkeypatch, tmp_path):
+def pretrained_output(pipe, call):
+    """The UNet output of `call`'s input with the LoRA adapter off (the pretrained model)."""
+    with torch.no_grad():
+        pipe.unet.disable_adapters()
+        out = pipe.unet(call.x, call.t, call.cond).sample
+        pipe.unet.enable_adapters()
+    return out
+
+
+def test_pretrain_data_is_a_first_optimizer_step_then_the_refl_step(monkeypatch, tmp_path):
+    """ImageReward's Alg. 1: each iteration updates on the pre-training loss, then on the ReFL loss, whose rollout
+    already runs the model the first update left."""
     folder = make_pretrain_folder(tmp_path / "data")
     trace, rows = run_main(refl, [*TINY, "--num-steps", "5", "--pretrain-data", str(folder)], monkeypatch,
                            tmp_path / "run")
-    assert all(r["pretrain_loss"] > 0 for r in rows)
-    # per update one extra UNet call with gradient, on the 2 real images, after the reward
-    extra = [e for e in trace.events if getattr(e, "batch", 0) == 2 and e.requires_grad and e.grad]
-    assert len(extra) == 2 * len(rows)  # the stop step's call and the pre-training call
+    assert all(r["pretrain_loss"] > 0 and r["pretrain_grad_norm"] > 0 and r["grad_norm"] > 0 for r in rows)
+    segments = trace.training_segments()
+    assert len(segments) == len(rows) == 2
+    for calls, score in segments:
+        pretrain, rollout = calls[0], calls[1:]
+        # one call on the 2 real images at a random t each, with gradient, before the rollout
+        assert pretrain.t == -1 and pretrain.batch == 2 and pretrain.requires_grad and pretrain.grad > 0
+        assert all(c.t >= 0 for c in rollout) and rollout[-1].grad > 0 and score.grad is not None
+    # the first rollout already differs from the pretrained model (in the run without --pretrain-data it does not)
+    first = segments[0][0][1]
+    assert (first.out - pretrained_output(trace.pipe, first)).abs().max() > 1e-4
+    checkpoint = runner.load_checkpoint(tmp_path / "run")
+    assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {2 * len(rows)}
 
 
 def test_pretrain_folder_format(tmp_path, capsys):
