@@ -71,6 +71,7 @@ def test_char_tokenizer_uses_clips_ids():
     assert len(long) == 77 and max(long) < 49408
 
 
+@pytest.mark.slow
 def test_sd15_folder_is_fp16_on_disk_and_finite_in_fp32_and_bf16(sd15_build):
     path, stdout = sd15_build
     with safe_open(str(path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -81,6 +82,7 @@ def test_sd15_folder_is_fp16_on_disk_and_finite_in_fp32_and_bf16(sd15_build):
     assert "float32 at 64 px: finite" in stdout and "bfloat16 at 64 px: finite" in stdout, stdout
 
 
+@pytest.mark.slow  # a process that imports diffusers: ~9 s
 def test_sd_arch_bad_input_is_one_line_exit_2(tmp_path):
     result = run("benchmarks/sd_arch.py", "--arch", "nope", "--out", str(tmp_path / "x"), timeout=120)
     assert result.returncode == 2 and "--arch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -104,6 +106,7 @@ SD15_RUNS = {
 }
 
 
+@pytest.mark.slow  # the 2.1 GB SD 1.5 build and a full-size UNet on the CPU: minutes
 @pytest.mark.parametrize("script", list(SD15_RUNS))
 def test_every_script_runs_one_iteration_on_sd15(script, sd15_dir, tmp_path):
     flags = {"--model": str(sd15_dir), "--iters": "1", "--batch-size": "1", "--num-steps": "2", "--resolution": "64",
@@ -164,6 +167,7 @@ TABLE_FIELDS = {"method", "status", "rollout_images_per_s_b1", "rollout_images_p
                 "mfu_first", "mfu_best", "model_flops_per_iter_first", "flop_check_rel_error"}
 
 
+@pytest.mark.slow  # every method and variant at growing batches: minutes
 def test_gpu_benchmark_small_runs_every_method_on_the_cpu(tmp_path):
     result = run("benchmarks/gpu.py", "--small", "--out-dir", str(tmp_path / "out"), "--work-dir",
                  str(tmp_path / "work"), timeout=1800)
@@ -186,6 +190,7 @@ def test_gpu_benchmark_small_runs_every_method_on_the_cpu(tmp_path):
     assert not list((tmp_path / "work").iterdir())  # the model and the runs are cleaned up
 
 
+@pytest.mark.slow  # a process each: ~10 s
 @pytest.mark.parametrize("flags,needle", [(["--methods", "nope"], "--methods"), (["--batches", "0,2"], "--batches")])
 def test_gpu_benchmark_bad_input_is_one_line_exit_2(flags, needle):
     result = run("benchmarks/gpu.py", "--small", *flags, timeout=120)

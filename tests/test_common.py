@@ -335,6 +335,12 @@ METHODS = {  # each script (and variant) with a tiny setting of its own flags
 }
 
 
+def one_fast(methods, fast="drtune"):
+    """`methods` as test parameters, all but `fast` in the slow tier (`-m slow`): the README's test command keeps
+    one run of each kind, CI runs them all."""
+    return [pytest.param(m, marks=() if m == fast else pytest.mark.slow) for m in methods]
+
+
 def launch(script, *flags, env=None, **popen):
     return subprocess.Popen([sys.executable, str(ROOT / script), *flags], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), **popen)
@@ -357,7 +363,7 @@ def lora(run_dir):
     return load_file(Path(run_dir) / "pytorch_lora_weights.safetensors")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", one_fast(METHODS))
 def test_a_run_killed_mid_way_resumes_to_exactly_the_uninterrupted_run(method, tmp_path):
     script, *flags = METHODS[method]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -376,6 +382,7 @@ def test_a_run_killed_mid_way_resumes_to_exactly_the_uninterrupted_run(method, t
     assert json.loads((killed / "args.json").read_text())["_meta"]["resumed_at"] == done
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_iteration_0(tmp_path):
     script, *flags = METHODS["drtune"]
     flags = [*TINY_RUN, *flags, "--save-every", "3"]
@@ -396,6 +403,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_iteration_0(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("returns,described", [("0.5", "a float (0.5)"),
                                                 ("images.mean(dim=(2, 3))", "a Tensor of shape (2, 3)")])
 def test_a_user_reward_without_one_score_per_image_is_one_line_and_the_run_resumes_once_fixed(returns, described,
@@ -463,6 +471,7 @@ def test_a_second_ctrl_c_while_the_graceful_stop_writes_its_checkpoint_is_one_li
     assert signal.getsignal(signal.SIGINT) == before  # the handlers are handed back
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
     script, *flags = METHODS["drtune"]
     flags = [*TINY_RUN, *flags, "--iters", "40"]
@@ -516,6 +525,7 @@ def test_a_checkpoint_write_interrupted_at_any_stage_leaves_the_previous_one_loa
     assert runner.load_checkpoint(tmp_path / "run")["iter"] == run.next_iter
 
 
+@pytest.mark.slow
 def test_the_nan_guard_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
     script, *flags = METHODS["drtune"]
     # calls: the eval before iteration 0, then one per iteration (no eval in between): call 5 is iteration 3
@@ -549,6 +559,7 @@ def test_non_finite_weights_are_never_saved(pipe, tmp_path, capsys):
     assert all(torch.equal(v, saved[1][k]) for k, v in lora(tmp_path / "run").items())
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_run_and_allows_a_longer_one(tmp_path, capsys, monkeypatch):
     import drtune
 
@@ -571,6 +582,7 @@ def test_resume_refuses_a_changed_run_and_allows_a_longer_one(tmp_path, capsys, 
     assert done.returncode == 0 and "has run its 3 iterations" in done.stderr
 
 
+@pytest.mark.slow
 def test_config_reruns_a_run_and_args_json_records_where_it_ran(tmp_path):
     script, *flags = METHODS["alignprop"]
     first, again = tmp_path / "first", tmp_path / "again"
@@ -586,6 +598,7 @@ def test_config_reruns_a_run_and_args_json_records_where_it_ran(tmp_path):
     assert other.returncode == 2 and "written by alignprop.py" in other.stderr
 
 
+@pytest.mark.slow
 def test_init_lora_starts_from_a_saved_lora_with_a_fresh_optimizer(tmp_path):
     script, *flags = METHODS["draft"]
     first, second = tmp_path / "first", tmp_path / "second"
@@ -601,6 +614,7 @@ def test_init_lora_starts_from_a_saved_lora_with_a_fresh_optimizer(tmp_path):
     assert file.returncode == 0 and metrics(tmp_path / "file")[0] == metrics(second)[0]
 
 
+@pytest.mark.slow
 def test_a_lora_trained_with_alpha_other_than_its_rank_draws_the_runs_images_in_plain_diffusers(embedded_dir, tmp_path):
     from diffusers.utils.torch_utils import randn_tensor
     from PIL import Image
@@ -639,6 +653,7 @@ def test_a_lora_trained_with_alpha_other_than_its_rank_draws_the_runs_images_in_
     assert metrics(tmp_path / "same")[0]["eval_reward_mean"] == metrics(run)[-1]["eval_reward_mean"]
 
 
+@pytest.mark.slow
 def test_every_file_a_run_writes_has_the_mode_the_umask_gives(tmp_path):
     script, *flags = METHODS["drtune"]
     run = tmp_path / "run"
@@ -655,6 +670,7 @@ def test_every_file_a_run_writes_has_the_mode_the_umask_gives(tmp_path):
     assert set(modes.values()) == {"0o640"}, modes
 
 
+@pytest.mark.slow
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     script, *flags = METHODS["drtune"]
     result = finish(launch(script, *TINY_RUN, *flags, "--iters", "3", "--progress-every", "0.001",
@@ -777,7 +793,7 @@ def torchrun(script, *flags, ranks=2, env=None):
                             env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
 
-@pytest.mark.parametrize("method", DDP_METHODS)
+@pytest.mark.parametrize("method", one_fast(DDP_METHODS))
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(method, tmp_path):
     script, *flags = DDP_METHODS[method]
     two = torchrun(script, *DDP_RUN, *flags, "--batch-size", "1", "--run-dir", str(tmp_path / "two"))
@@ -801,6 +817,7 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(method, tmp_path):
         torch.testing.assert_close(lora_two[k], lora_one[k], rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_rank_killed_brings_the_other_down_within_seconds_and_the_run_resumes_on_two_ranks(tmp_path):
     script, *flags = DDP_METHODS["drtune"]
     flags = [*TINY_RUN, *flags, "--batch-size", "1"]
@@ -876,6 +893,7 @@ def test_the_compute_count_of_one_iteration_is_the_hand_count(method, tmp_path, 
     assert {k: final[k] for k in expected} == expected  # the final evaluation is not counted
 
 
+@pytest.mark.slow
 def test_the_budget_stops_a_run_after_the_iteration_that_reaches_it(tmp_path):
     script, *flags = METHODS["drtune"]  # 40 compute units an iteration
     result = finish(launch(script, *TINY_RUN, *flags, "--iters", "50", "--budget", "100",

@@ -40,6 +40,7 @@ def done(tmp_path_factory):
     return results / "tiny", result
 
 
+@pytest.mark.slow  # one comparison run for the module: ~30 s
 def test_curves_json_has_every_curve_and_the_common_point(done):
     out, _ = done
     curves = json.loads((out / "curves.json").read_text())
@@ -71,6 +72,7 @@ def test_curves_json_has_every_curve_and_the_common_point(done):
     assert curves["pretrained"]["n"] == 2 and curves["pretrained"]["eval_reward"][1] == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_runs_stop_in_the_iteration_that_reaches_the_budget(done):
     out, _ = done
     for name in METHODS:
@@ -80,6 +82,7 @@ def test_runs_stop_in_the_iteration_that_reaches_the_budget(done):
         assert rows[-2]["compute"] == rows[-1]["compute"]
 
 
+@pytest.mark.slow
 def test_table_has_a_row_per_method_and_the_columns(done):
     out, _ = done
     lines = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("|")]
@@ -94,6 +97,7 @@ def test_table_has_a_row_per_method_and_the_columns(done):
     assert int(rows["DDPO"][5].replace(",", "")) >= BUDGET
 
 
+@pytest.mark.slow
 def test_strips_are_the_first_eval_rows_and_the_plot_is_written(done):
     out, _ = done
     # 4 eval images of 32 px in the first grid row, shown at 2x: 64 px high, after a label column
@@ -110,6 +114,7 @@ def test_strips_are_the_first_eval_rows_and_the_plot_is_written(done):
         assert Image.open(out / "plot.png").size == (900, 540)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_refuses_another_command(done):
     out, _ = done
     metrics = {name: (out / "runs" / f"{name}__seed0" / "metrics.jsonl").stat().st_mtime_ns for name in METHODS}

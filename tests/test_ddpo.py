@@ -138,7 +138,8 @@ def test_first_minibatch_ratio_is_exactly_one_on_the_real_rollout_and_moves_afte
 # --- the script ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("estimator,extra,updates", [("is", ["--grad-accum", "1"], 2), ("sf", [], 1)])
+@pytest.mark.parametrize("estimator,extra,updates", [("is", ["--grad-accum", "1"], 2),
+                                                      pytest.param("sf", [], 1, marks=pytest.mark.slow)])
 def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     run_dir = tmp_path / "run"
     result = run_script("--estimator", estimator, *TINY, "--sample-batches", "2", *extra, "--run-dir", str(run_dir))

@@ -1,5 +1,6 @@
-"""One install path: CI (.ci/run) runs the README's "Install, run, test" lines word for word, in the same order, and
-the test extra holds every optional package the tests import, so a newcomer's install is the one CI tests."""
+"""One install path: CI (.ci/run) runs the README's "Install, run, test" lines word for word, in the same order (the
+install, then the fast and the slow test tier), and the test extra holds every optional package the tests import,
+so a newcomer's install is the one CI tests."""
 
 import re
 import tomllib
@@ -29,6 +30,17 @@ def test_ci_runs_the_readme_install_and_test_lines_verbatim_and_in_order():
     assert any(line.startswith("pip install torch") for line in readme), readme  # torch first, then the project
     assert any("pytest" in line for line in readme), readme
     assert ci_commands() == readme
+
+
+def test_the_readme_runs_the_fast_tier_then_the_slow_one_and_neither_is_empty():
+    """Two tiers: `python -m pytest -q` runs every test not marked slow (pyproject's addopts deselect them) and
+    `-m slow` the marked ones; both select tests, so neither ends in pytest's exit 5 ("no tests ran")."""
+    assert [line for line in readme_commands() if "pytest" in line] == ["python -m pytest -q",
+                                                                        "python -m pytest -q -m slow"]
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m 'not slow'" in options["addopts"] and any(m.startswith("slow:") for m in options["markers"])
+    sources = [path.read_text() for path in (ROOT / "tests").glob("test_*.py")]
+    assert sum(text.count("pytest.mark.slow") for text in sources) > 0  # the slow tier; the fast one holds this test
 
 
 def test_the_test_extra_brings_every_optional_package_the_tests_import():

@@ -722,7 +722,8 @@ def test_each_pretrained_reward_runs_one_iteration_of_a_script(script, name, tin
     assert math.isfinite(rows[1]["eval_reward_mean"])
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hpsv2", "imagereward", "objectness", "clipscore"])
+@pytest.mark.parametrize("name", ["aesthetic"] + [pytest.param(name, marks=pytest.mark.slow)  # a process each: ~9 s
+                                  for name in ("pickscore", "hpsv2", "imagereward", "objectness", "clipscore")])
 def test_a_new_reward_without_its_weights_fails_cleanly_offline_from_the_command_line(name, tmp_path):
     """`python drtune.py --reward NAME` with nothing downloaded: exit 2, one line naming what is missing, fast."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))

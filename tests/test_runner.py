@@ -286,6 +286,7 @@ def accelerate(script, *flags, env=None):
                             env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
 
+@pytest.mark.slow  # two 2-process launches per method: ~50 s each on one core
 @pytest.mark.parametrize("method", ["drtune", "ddpo"])
 def test_accelerate_launch_gives_the_lora_torchrun_gives(method, tmp_path):
     script, *flags = DDP_METHODS[method]

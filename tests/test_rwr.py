@@ -78,7 +78,7 @@ def test_weighted_denoising_loss_drops_zero_weights_and_scales_the_others():
     assert loss.item() == pytest.approx((2 * 1 + 0 * 4 + 1 * 9) / 3)
 
 
-@pytest.mark.parametrize("weighting,kept", [("softmax", 4), ("sparse", 2)])
+@pytest.mark.parametrize("weighting,kept", [pytest.param("softmax", 4, marks=pytest.mark.slow), ("sparse", 2)])
 def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_dir):
     model = embedded_dir
     if weighting == "sparse":  # and on a v-prediction model (SD 2.x style): the target is v, not epsilon
