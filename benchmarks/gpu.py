@@ -420,6 +420,18 @@ def component_flops(unet_config: dict, vae_config: dict, resolution: int, lora_r
             "vae_decode_backward": decode_backward}
 
 
+def differentiated_decodes(variant: str, decodes: float) -> float:
+    """How many of an iteration's VAE decodes are backpropagated: all of a gradient script's, except that
+    DRaFT-LV (without --lv-with-rollout) decodes its rollout without gradient: n of every n + 1 decodes."""
+    script, flags = VARIANTS[variant]
+    if script not in GRADIENT_SCRIPTS:
+        return 0
+    if "--lv" in flags and "--lv-with-rollout" not in flags:
+        n = int(flags[flags.index("--lv") + 1])
+        return decodes * n / (n + 1)
+    return decodes
+
+
 def iteration_flops(variant: str, delta: dict, flops: dict, checkpoint: bool) -> tuple[float, float] | None:
     """(model FLOPs, hardware FLOPs) of one iteration from the counters its metrics row adds: UNet image-steps
     forward (a checkpointed call's recomputation counted again) and backward, VAE decodes. Model FLOPs leave
@@ -431,8 +443,7 @@ def iteration_flops(variant: str, delta: dict, flops: dict, checkpoint: bool) ->
     forwards, backwards, decodes = delta["unet_forwards"], delta["unet_backwards"], delta["vae_decodes"]
     backward = flops["unet_backward_input_grad" if variant in INPUT_GRAD else "unet_backward"]
     hardware = forwards * flops["unet_forward"] + backwards * backward + decodes * flops["vae_decode"]
-    if script in GRADIENT_SCRIPTS:  # every training decode is differentiated
-        hardware += decodes * flops["vae_decode_backward"]
+    hardware += differentiated_decodes(variant, decodes) * flops["vae_decode_backward"]
     if script == "d3po.py":  # each policy pass has a reference pass with the adapter disabled: no LoRA FLOPs
         hardware -= backwards * (flops["unet_forward"] - flops["unet_forward_base"])
     recompute = backwards * flops["unet_forward"] if (script in GRADIENT_SCRIPTS and checkpoint) else 0

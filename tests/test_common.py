@@ -428,10 +428,13 @@ def test_a_user_reward_without_one_score_per_image_is_one_line_and_the_run_resum
 def test_a_second_ctrl_c_stops_at_once_in_one_line_with_the_resume_hint(tmp_path):
     script, *flags = METHODS["drtune"]
     run = tmp_path / "run"
-    # reward call 3 is iteration 1's, and it sleeps: both signals arrive within that iteration
-    process = launch(script, *TINY_RUN, *flags, "--iters", "40", "--run-dir", str(run), env={"SLEEP_AT_CALL": "3"})
+    # reward call 3 is iteration 1's, and it sleeps: both signals arrive within that iteration (waiting for the
+    # sleep itself, not for iteration 0's checkpoint: a signal between that save and iteration 1 ends the run there)
+    sleeping = tmp_path / "sleeping"
+    process = launch(script, *TINY_RUN, *flags, "--iters", "40", "--run-dir", str(run),
+                     env={"SLEEP_AT_CALL": "3", "SLEEP_MARK": str(sleeping)})
     deadline = time.time() + 120
-    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+    while not sleeping.exists() and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     first = process.stderr.readline() + process.stderr.readline()  # a blank line, then the message
