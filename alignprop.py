@@ -32,7 +32,8 @@ TRUNCATIONS = ("gaussian", "uniform", "fixed")
 @dataclass
 class Args(runner.RunArgs):
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     prompts: str = "auto"
@@ -43,7 +44,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 7.5
     """classifier-free guidance scale (paper: 7.5; the 2024 code: 5.0)"""
     eta: float = 0.0
-    """DDIM noise scale; 0.0 is the paper-era deterministic DDIM (the 2024 code: 1.0)"""
+    """DDIM noise scale; 0.0 is the paper-era deterministic DDIM (the 2024 code: 1.0); on a flow model 0 is the ODE,
+    above 0 the SDE's noise level"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 4

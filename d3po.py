@@ -40,7 +40,8 @@ from hub import TOY_MODEL, fail
 @dataclass
 class Args(runner.RunArgs):
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function: the preference oracle for --feedback reward, the eval score for both modes"""
     prompts: str = "auto"
@@ -63,7 +64,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 5.0
     """classifier-free guidance scale (paper: 5.0)"""
     eta: float = 1.0
-    """DDIM noise scale, > 0 (paper: 1.0); eta = 0 is deterministic and has no log-probability"""
+    """DDIM noise scale, > 0 (paper: 1.0); eta = 0 is deterministic and has no log-probability; on a flow model the
+    SDE's noise level (Flow-GRPO: 0.7)"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 4
@@ -212,9 +214,9 @@ def step_log_ratio(pipe, x_t, x_prev, t, cond, uncond, ref_lora, args: Args):
     pi_ref first: swapping weights in place must not touch a graph that backward still needs."""
     with torch.no_grad(), reference_policy(pipe.unet, ref_lora):
         out_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
-        _, log_prob_ref = common.ddim_step_with_logprob(pipe.scheduler, out_ref, t, x_t, args.eta, prev_sample=x_prev)
+        _, log_prob_ref = common.step_with_logprob(pipe.scheduler, out_ref, t, x_t, args.eta, prev_sample=x_prev)
     out = common.unet_output(pipe.unet, x_t, t, cond, uncond, args.guidance_scale)
-    _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, t, x_t, args.eta, prev_sample=x_prev)
+    _, log_prob = common.step_with_logprob(pipe.scheduler, out, t, x_t, args.eta, prev_sample=x_prev)
     return log_prob - log_prob_ref
 
 
@@ -326,7 +328,7 @@ def main():
                 latents = stored["latents"][index].to(device)
                 timesteps = stored["timesteps"].to(device)
                 scores = label_scores[index].to(device)
-                pipe.scheduler.set_timesteps(T, device=device)  # the log-prob needs the scheduler's step size
+                common.set_timesteps(pipe, T, latents)  # the log-prob needs the scheduler's step size
             else:  # lines 4-11: n trajectories per prompt from one x_T; line 14: the reward stands in for a person
                 batch = distributed.choices(prompts, args.batch_size)  # this rank's share
                 latents, timesteps = sample_groups(pipe, common.encode_prompts(pipe, batch),

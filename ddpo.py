@@ -36,7 +36,8 @@ class Args(runner.RunArgs):
     estimator: str = "is"
     """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
     prompts: str = "auto"
@@ -47,7 +48,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 5.0
     """classifier-free guidance scale, used for sampling and, with --cfg-training, training (paper: 5.0)"""
     eta: float = 1.0
-    """DDIM noise scale in (0, 1]; the policy is Gaussian only when eta > 0 (paper: 1.0, ancestral)"""
+    """DDIM noise scale in (0, 1]; the policy is Gaussian only when eta > 0 (paper: 1.0, ancestral); on a flow model
+    the noise level a of Flow-GRPO's SDE (Flow-GRPO: 0.7)"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
@@ -97,6 +99,9 @@ class Args(runner.RunArgs):
     stat_min_count: int = 8
     """below this many buffered rewards a prompt uses the round's batch statistics (ddpo-pytorch: 16); 8 = a
     prompt's own statistics from its first round at --samples-per-prompt 8"""
+    kl_coeff: float = 0.0
+    """beta: weight of a per-step KL penalty to the pretrained policy (the LoRA disabled) added to the loss; 0 =
+    DDPO. With --samples-per-prompt G on a flow model this is Flow-GRPO's objective (beta 0.01-0.04)"""
     ratio_tol: float = 1e-4
     """stop if any importance ratio before the round's first update differs from 1 by more than this"""
     # a shared flag (runner.RunArgs) with this script's own default
@@ -115,6 +120,8 @@ def check_args(args: Args):
     if not args.cfg_training and args.guidance_scale != 1.0:
         fail("--no-cfg-training with guidance would re-score with another policy than the one that sampled "
              "(the ratio is not 1); use --guidance-scale 1.0 with it, or keep CFG training (appendix G.1)")
+    if args.kl_coeff < 0:
+        fail(f"--kl-coeff must be >= 0 (got {args.kl_coeff})")
     if args.clip_range <= 0:
         fail(f"--clip-range must be positive (got {args.clip_range})")
     if not 0 < args.timestep_fraction <= 1:
@@ -186,15 +193,28 @@ def sf_loss(log_prob, advantages):
 
 
 def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale: float, eta: float):
-    """log p_theta(x_{t-1} | x_t, c) of stored transitions, with gradient; one timestep per row (B,).
+    """log p_theta(x_{t-1} | x_t, c) of stored transitions, with gradient; one timestep per row (B,); and the
+    model output (for the KL penalty).
 
-    The UNet call, CFG batching and DDIM step are those of sampling (common.rollout), so with unchanged
+    The UNet call, CFG batching and sampler step are those of sampling (common.rollout), so with unchanged
     weights and the same batch size this reproduces the recorded log-prob (ratio exactly 1).
     """
     out = common.unet_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
-    _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, out, timesteps, latents, eta,
-                                                prev_sample=next_latents)
-    return log_prob
+    _, log_prob = common.step_with_logprob(pipe.scheduler, out, timesteps, latents, eta, prev_sample=next_latents)
+    return log_prob, out
+
+
+def kl_to_pretrained(pipe, out, latents, timesteps, cond, uncond, guidance_scale: float, eta: float):
+    """Flow-GRPO's KL term: KL(p_theta(. | x_t) || p_ref(. | x_t)) of one step, both Gaussians with the step's std,
+    = ||mean_theta - mean_ref||^2 / (2 std^2), averaged over the latent dimensions as the log-prob is; (B,).
+    The reference is the pretrained model: the same UNet with the LoRA disabled."""
+    with torch.no_grad():
+        pipe.unet.disable_adapters()
+        out_ref = common.unet_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
+        pipe.unet.enable_adapters()
+    mean, std = common.step_mean_std(pipe.scheduler, out, timesteps, latents, eta)
+    mean_ref, _ = common.step_mean_std(pipe.scheduler, out_ref, timesteps, latents, eta)
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std.flatten() ** 2)
 
 
 def main():
@@ -271,7 +291,7 @@ def main():
         # micro-batch and one timestep per backward so memory does not grow with T.
         n_train_t = max(1, int(T * args.timestep_fraction))
         micro_per_update = grad_accum
-        stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
+        stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "kl": []}
         grad_norms, first_update_done = [], False
         for _ in range(args.inner_epochs):
             # Drawn for the global round (the stream stays alike on every rank); this rank visits its own
@@ -287,13 +307,18 @@ def main():
                 idx = perm[m * B:(m + 1) * B]
                 for j in range(n_train_t):
                     k = time_perm[idx, j]
-                    log_prob = rescore(pipe, latents[idx, k], latents[idx, k + 1], timesteps[idx, k], conds[idx],
-                                       train_uncond, args.guidance_scale, args.eta)
+                    log_prob, out = rescore(pipe, latents[idx, k], latents[idx, k + 1], timesteps[idx, k], conds[idx],
+                                            train_uncond, args.guidance_scale, args.eta)
                     if args.estimator == "is":
                         loss, ratio = ppo_loss(log_prob, log_probs[idx, k], advantages[idx], args.clip_range)
                     else:
                         loss = sf_loss(log_prob, advantages[idx])
                         ratio = torch.exp(log_prob - log_probs[idx, k])
+                    if args.kl_coeff:  # Flow-GRPO: loss + beta KL(pi_theta || pi_ref), step by step
+                        kl = kl_to_pretrained(pipe, out, latents[idx, k], timesteps[idx, k], conds[idx],
+                                              train_uncond, args.guidance_scale, args.eta)
+                        loss = loss + args.kl_coeff * kl
+                        stats["kl"].append(kl.mean().item())
                     (loss.mean() / (micro_per_update * n_train_t)).backward()
                     ratio = ratio.detach()
                     # Before the round's first update the policy is the sampling policy: the ratio must be 1.
@@ -323,6 +348,8 @@ def main():
                 "ratio_mean": float(np.mean(stats["ratio"])),
                 "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen,
                 "advantage_abs_mean": float(np.abs(round_advantages).mean())}
+        if args.kl_coeff:
+            row["kl_to_pretrained"] = float(np.mean(stats["kl"]))
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

@@ -35,7 +35,8 @@ from hub import TOY_MODEL, fail
 @dataclass
 class Args(runner.RunArgs):
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     prompts: str = "auto"
@@ -46,7 +47,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 5.0
     """classifier-free guidance scale (paper: 7.5)"""
     eta: float = 0.0
-    """DDIM noise scale; 0.0 is the deterministic DDIM sampler of the paper (and NeMo DRaFT+)"""
+    """DDIM noise scale; 0.0 is the deterministic DDIM sampler of the paper (and NeMo DRaFT+); on a flow model 0 is
+    the ODE, above 0 the SDE's noise level"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 4
@@ -117,23 +119,23 @@ def lv_terms(pipe, x0, cond, uncond, n: int, *, guidance_scale: float, eta: floa
     """DRaFT-LV: n re-noised copies of the final latent, each denoised by one differentiable last step.
 
     The paper's DRaFT-LV algorithm: x0 = sg(x0) (the rollout ran without gradient), for i = 1..n noised to the
-    level of the last step's input x_{t_1} with q(x_{t_1} | x_0) = N(sqrt(a_1) x0, (1 - a_1) I), fresh noise per
-    copy (latents, not re-encoded pixels, as in FlowBP's port), then denoised by the very update the rollout's
-    last step uses (same DDIM eta and CFG). Returns the n * B denoised latents, the copies stacked along the batch.
+    level of the last step's input x_{t_1} with q(x_{t_1} | x_0) = N(sqrt(a_1) x0, (1 - a_1) I) (a flow model:
+    (1 - sigma_1) x0 + sigma_1 eps), fresh noise per copy (latents, not re-encoded pixels, as in FlowBP's port),
+    then denoised by the very update the rollout's last step uses (same sampler step, eta and CFG). Returns the
+    n * B denoised latents, the copies stacked along the batch.
     """
     scheduler = pipe.scheduler
     t_last = scheduler.timesteps[-1]  # set by the rollout that produced x0
-    alpha_bar = scheduler.alphas_cumprod[t_last].to(x0.device)
     noise = torch.cat([distributed.randn(x0.shape, x0.device) for _ in range(n)])  # a fresh draw per copy
     x0 = x0.detach().repeat(n, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    x_t = common.noised(scheduler, x0, noise, t_last)
     cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
     if checkpoint:
         out = torch.utils.checkpoint.checkpoint(common.unet_output, pipe.unet, x_t, t_last, cond, uncond,
                                                 guidance_scale, use_reentrant=False)
     else:
         out = common.unet_output(pipe.unet, x_t, t_last, cond, uncond, guidance_scale)
-    return common.ddim_step_with_logprob(scheduler, out, t_last, x_t, eta)[0]
+    return common.step_with_logprob(scheduler, out, t_last, x_t, eta)[0]
 
 
 def kl_to_pretrained(pipe, latents, timesteps, grad_steps, cond, uncond, guidance_scale: float,

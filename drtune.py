@@ -29,7 +29,8 @@ from hub import TOY_MODEL, fail
 @dataclass
 class Args(runner.RunArgs):
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     clip_weight: float = 0.015  # a shared flag (runner.RunArgs) with this script's own default
@@ -43,7 +44,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 5.0
     """classifier-free guidance scale (paper: 7.5)"""
     eta: float = 0.0
-    """DDIM noise scale (paper: DDPM, i.e. 1.0); 0 trains on the deterministic sampler the evaluation uses"""
+    """DDIM noise scale (paper: DDPM, i.e. 1.0); 0 trains on the deterministic sampler the evaluation uses (on a flow
+    model: the ODE; above 0 the SDE's noise level)"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8

@@ -16,12 +16,16 @@ from pathlib import Path
 TOY_MODEL = "toy"
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toyworld" / "sd"
 TOY_CLIP = str(Path(__file__).resolve().parent / "toyworld" / "clip")  # the toy world's CLIP (the rewards' default)
+# The toy world's flow-matching model (an SD3-style transformer, the same toy CLIP and VAE; toyworld/flow).
+TOY_FLOW_MODEL = "toy-flow"
+TOY_FLOW_MODEL_DIR = Path(__file__).resolve().parent / "toyworld" / "flow"
 # A random-weight tiny Stable Diffusion built offline in a second: the mechanics without meaning (tests).
 EMBEDDED_MODEL = "embedded-tiny-sd"
 REAL_CLIP = "openai/clip-vit-large-patch14"  # `--clip-model auto` for any model but the toy one
 # The pipelines --model may name (model_index.json's _class_name), and the options each is loaded with.
 PIPELINES = {"StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
-             "StableDiffusionXLPipeline": {"add_watermarker": False}}
+             "StableDiffusionXLPipeline": {"add_watermarker": False},
+             "StableDiffusion3Pipeline": {}, "FluxPipeline": {}}  # the flow-matching models
 
 
 def fail(message: str):
@@ -70,20 +74,30 @@ def resolve_pretrained(name: str, flag: str, marker: str, what: str, example: st
 
 
 def resolve_model(model: str) -> str:
-    """Check `--model` without loading it: the toy model, the embedded one, a local folder or a hub id of a
-    Stable Diffusion 1.x/2.x or XL pipeline."""
+    """Check `--model` without loading it: the toy model (or its flow twin), the embedded one, a local folder or a
+    hub id of a Stable Diffusion 1.x/2.x/XL/3 or FLUX pipeline."""
     if model == EMBEDDED_MODEL:
         return model
     if model == TOY_MODEL:
         return str(TOY_MODEL_DIR)
+    if model == TOY_FLOW_MODEL:
+        return str(TOY_FLOW_MODEL_DIR)
     source = resolve_pretrained(model, "--model", "model_index.json",
-                                "a diffusers Stable Diffusion (1.x, 2.x or XL) folder (save_pretrained or a hub "
-                                f"snapshot; default: {TOY_MODEL})", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+                                "a diffusers Stable Diffusion (1.x, 2.x, XL, 3) or FLUX folder (save_pretrained "
+                                f"or a hub snapshot; default: {TOY_MODEL})",
+                                "stable-diffusion-v1-5/stable-diffusion-v1-5")
     index = Path(source) / "model_index.json"
     kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     if index.is_file() and kind not in PIPELINES:
         fail(f"--model {model} is a {kind}; the scripts take {' or '.join(PIPELINES)}")
     return source
+
+
+def is_toy(model: str) -> bool:
+    """The toy world's models (its diffusion and flow models, and the embedded test model): the toy CLIP, the toy
+    captions and the toy evaluation protocol go with them."""
+    return (model in (TOY_MODEL, TOY_FLOW_MODEL, EMBEDDED_MODEL)
+            or Path(model).expanduser().resolve() in (TOY_MODEL_DIR, TOY_FLOW_MODEL_DIR))
 
 
 def resolve_vae(name: str) -> str:

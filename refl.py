@@ -51,7 +51,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 @dataclass
 class Args(runner.RunArgs):
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     prompts: str = "auto"
@@ -62,7 +63,8 @@ class Args(runner.RunArgs):
     guidance_scale: float = 1.0
     """classifier-free guidance scale; 1.0 = off, as in the original ReFL"""
     eta: float = 1.0
-    """DDIM noise scale; 1.0 is ancestral sampling like the original's DDPM sampler"""
+    """DDIM noise scale; 1.0 is ancestral sampling like the original's DDPM sampler (on a flow model: the SDE's noise
+    level)"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
@@ -167,7 +169,8 @@ def load_images(paths, resolution: int):
 
 
 def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
-    """The pre-training loss: noise-prediction MSE at a uniform random t on real captioned images."""
+    """The pre-training loss: noise-prediction MSE (a flow model's: velocity) at a uniform random t on real captioned
+    images."""
     scheduler, unet = pipe.scheduler, pipe.unet
     chosen = distributed.choices(pairs, batch_size)
     images = load_images([p for p, _ in chosen], resolution).to(unet.device)
@@ -175,11 +178,8 @@ def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
     cond = common.encode_prompts(pipe, [c for _, c in chosen])
     noise = distributed.randn(latents.shape, latents.device)
     t = distributed.randint(scheduler.config.num_train_timesteps, batch_size, latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    noisy = common.noised(scheduler, latents, noise, t)
+    target = common.denoising_target(scheduler, latents, noise, t)
     prediction = common.unet_output(unet, noisy, t, cond)
     return torch.nn.functional.mse_loss(prediction, target)
 

@@ -283,8 +283,7 @@ def check_common_args(args, differentiable: bool):
         check_tracking(args)
     # `auto` follows the model: the toy world's CLIP and captions for the toy model (and the embedded one),
     # a real CLIP and the reward's prompt set for Stable Diffusion; resolved here, so args.json records them.
-    toy = (args.model in (hub.TOY_MODEL, hub.EMBEDDED_MODEL)
-           or Path(args.model).expanduser().resolve() == hub.TOY_MODEL_DIR)
+    toy = hub.is_toy(args.model)
     if args.clip_model == "auto":
         args.clip_model = hub.TOY_MODEL if toy else hub.REAL_CLIP
     protocol = common.EVAL_PROTOCOL["toy" if toy else "sd"]
@@ -437,14 +436,16 @@ def save_lora(unet, run_dir):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save
 
-    # PEFT key names under unet.: what save_lora_weights writes, and what the SD and SDXL pipelines both load
-    lora = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    # PEFT key names under unet. (transformer. for a flow model's): what save_lora_weights writes, and what the
+    # pipelines' load_lora_weights reads
+    component = common.lora_component(unet)
+    lora = {f"{component}.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     config = unet.peft_config["default"]
     # Without its alpha in the file, load_lora_weights takes alpha = rank: a run with any other --lora-alpha would
     # draw other pictures than it trained on. Only the fields that shape the adapter, so any peft can build the
     # config; written here rather than by save_lora_weights, whose metadata argument diffusers < 0.35 lacks.
     adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-    header = {"format": "pt", common.LORA_METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in adapter.items()})}
+    header = {"format": "pt", common.LORA_METADATA_KEY: json.dumps({f"{component}.{k}": v for k, v in adapter.items()})}
     data = save(lora, metadata=header)
     write_atomic(Path(run_dir) / "pytorch_lora_weights.safetensors", lambda f: f.write(data))
 
@@ -624,8 +625,11 @@ def model_card(run) -> str:
     import shlex
 
     args, meta = run.args, run.meta
-    local = args.model in (hub.TOY_MODEL, hub.EMBEDDED_MODEL) or Path(args.model).expanduser().exists()
+    local = (args.model in (hub.TOY_MODEL, hub.TOY_FLOW_MODEL, hub.EMBEDDED_MODEL)
+             or Path(args.model).expanduser().exists())
     xl = run.unet.config.get("addition_embed_type") == "text_time"
+    family = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "stable-diffusion-3"}.get(
+        type(run.unet).__name__, "stable-diffusion-xl" if xl else "stable-diffusion")
     paper = method_paper(run.script_file)
     arxiv = re.findall(r"arXiv (\d{4}\.\d{4,5})", paper)
     front = ["---"]
@@ -635,13 +639,16 @@ def model_card(run) -> str:
         front.append(f"license: {BASE_MODEL_LICENSES[args.model]}")
     front += ["library_name: diffusers", "tags:"]
     front += [f"- {tag}" for tag in ("text-to-image", "diffusers", "diffusers-training", "lora",
-                                     "stable-diffusion-xl" if xl else "stable-diffusion", "reward-fine-tuning",
+                                     family, "reward-fine-tuning",
                                      Path(run.script).stem, *(f"arxiv:{a}" for a in arxiv))]
     front.append("---")
 
     if args.model == hub.TOY_MODEL:
         model, base = "toyworld/sd", ("the toy world's Stable Diffusion (`toyworld/sd` of the repository this run "
                                       "came from; the snippet's path is relative to its root)")
+    elif args.model == hub.TOY_FLOW_MODEL:
+        model, base = "toyworld/flow", ("the toy world's flow-matching model (`toyworld/flow` of the repository this "
+                                        "run came from; the snippet's path is relative to its root)")
     elif args.model == hub.EMBEDDED_MODEL:
         model, base = args.model, ("the tests' embedded tiny Stable Diffusion (random weights), built in memory: "
                                    "write it to a folder with `common.build_embedded_pipeline(folder)` and put that "
@@ -688,13 +695,15 @@ def model_card(run) -> str:
                    if (m := re.fullmatch(r"eval_(\d+)\.png", p.name)) and int(m[1]) <= run.next_iter)
     grid = [f"![the eval grid after {plural(grids[-1][0], 'iteration')}]({grids[-1][1]})",
             "", f"The last eval grid ({grids[-1][1]}): {args.eval_size} evaluation prompts, fixed noise, deterministic "
-            f"DDIM with {args.eval_num_steps} steps, guidance {args.eval_guidance_scale:g}."] if grids else []
+            f"{'ODE (Euler)' if common.lora_component(run.unet) == 'transformer' else 'DDIM'} with {args.eval_num_steps} "
+            f"steps, guidance {args.eval_guidance_scale:g}."] if grids else []
     done = f"{plural(run.next_iter, 'iteration')} of {args.iters}"
 
     body = [
         f"# {run.name}: a reward fine-tuned LoRA",
         "",
-        f"A LoRA (rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g}) on the UNet of {base}, trained "
+        f"A LoRA (rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g}) on the "
+        f"{'UNet' if common.lora_component(run.unet) == 'unet' else 'transformer'} of {base}, trained "
         f"by `{run.script}` for {done}.",
         "",
         f"- **Method**: {paper or run.name}" + "".join(f" [arXiv:{a}](https://arxiv.org/abs/{a})" for a in arxiv),

@@ -39,7 +39,8 @@ class Args(runner.RunArgs):
     weighting: str = "softmax"
     """softmax: w = n * softmax(beta r) per prompt (w_RWR); sparse: keep the top of each prompt (w_sparse)"""
     model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x or XL: hub id or local folder; toy = the toy world's model (toyworld/sd)"""
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
+    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
     prompts: str = "auto"
@@ -50,7 +51,7 @@ class Args(runner.RunArgs):
     guidance_scale: float = 5.0
     """classifier-free guidance scale, used for sampling and, with --cfg-training, training (paper: 5.0)"""
     eta: float = 1.0
-    """DDIM noise scale for sampling (paper: 1.0, ancestral)"""
+    """DDIM noise scale for sampling (paper: 1.0, ancestral); on a flow model the SDE's noise level"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
@@ -228,12 +229,12 @@ def main():
                     order = torch.cat([order, kept[torch.randperm(len(kept), generator=order_rng).to(device)]])
                 idx, order = order[:B], order[B:]
                 # Eq. 1: noise the sample to a uniformly random training timestep and regress the noise
-                # (or v, for a v-prediction model) from the guided output (G.1).
+                # (or v, for a v-prediction model; the velocity noise - x0, the flow-matching loss, for a flow
+                # model) from the guided output (G.1).
                 t = distributed.randint(scheduler.config.num_train_timesteps, B, device)
                 noise = distributed.randn(x0[idx].shape, device)
-                x_t = scheduler.add_noise(x0[idx], noise, t)
-                target = (scheduler.get_velocity(x0[idx], noise, t)
-                          if scheduler.config.prediction_type == "v_prediction" else noise)
+                x_t = common.noised(scheduler, x0[idx], noise, t)
+                target = common.denoising_target(scheduler, x0[idx], noise, t)
                 pred = common.unet_output(pipe.unet, x_t, t, conds[idx], uncond if args.cfg_training else None,
                                           args.guidance_scale)
                 loss = weighted_denoising_loss(pred, target, weights[idx])

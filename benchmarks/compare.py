@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL, TOY_MODEL_DIR = "toy", ROOT / "toyworld" / "sd"  # as in hub.py
+TOY_FLOW_MODEL, TOY_FLOW_MODEL_DIR = "toy-flow", ROOT / "toyworld" / "flow"
 SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.py", "rwr.py")
 
 # Named comparisons. Keys: about, reward ("default": each script's own), methods (name -> "script flags"), budget
@@ -138,6 +139,18 @@ PRESETS = {
                  "(--threads 1 and 2), with toyworld/check.py's fidelity; it holds when it halves the held-out "
                  "asymmetry with colour and background >= 95 % and shape >= 80 %",
         "reward": "symmetry",
+        "iters": "default",
+        "seeds": [0, 1, 2, 3, 4],
+        "threads": [1, 2],
+        "methods": {"DRTune": "drtune.py --K 5"},
+        "fidelity": "on",
+        "holds": "halve-asymmetry",
+    },
+    "flow-flagship": {
+        "about": "The flagship on the toy flow world: python drtune.py --model toy-flow --reward symmetry --K 5, its "
+                 "defaults, 5 seeds x 2 float paths, with toyworld/check.py's fidelity (same bar as the flagship)",
+        "reward": "symmetry",
+        "model": "toy-flow",
         "iters": "default",
         "seeds": [0, 1, 2, 3, 4],
         "threads": [1, 2],
@@ -277,7 +290,8 @@ def parse_method(name: str, spec: str, common: list) -> Method:
 
 
 def is_toy(model: str) -> bool:
-    return model == TOY_MODEL or Path(model).expanduser().resolve() == TOY_MODEL_DIR
+    return model in (TOY_MODEL, TOY_FLOW_MODEL) or Path(model).expanduser().resolve() in (TOY_MODEL_DIR,
+                                                                                          TOY_FLOW_MODEL_DIR)
 
 
 def settle(ns: argparse.Namespace) -> argparse.Namespace:

@@ -21,6 +21,14 @@ Architectures (ARCHS):
         force_upcast), CLIP ViT-L/14's text tower and OpenCLIP ViT-bigG/14's (with projection), its Euler scheduler
         (the scripts switch to DDIM with the same betas); the character tokenizer for both encoders. ~5 GB (fp16).
   tiny-sdxl  the same structure at the embedded model's size (32 px), for the tests.
+  sd35-medium  the flow-matching Stable Diffusion 3.5 Medium: MMDiT transformer (24 layers, 1536 wide, dual attention in
+        the first 13), CLIP-L and CLIP-G text towers with projections, T5-XXL, the 16-channel VAE (scale 1.5305,
+        shift 0.0609), the flow-matching Euler scheduler with shift 3. bf16 on disk, ~20 GB: build it on the GPU
+        machine.
+  flux-dev  FLUX.1-dev: 19 double + 38 single transformer blocks (3072 wide), guidance embedding, CLIP-L (pooled) and
+        T5-XXL, the 16-channel VAE (scale 0.3611, shift 0.1159), dynamic timestep shift. bf16, ~33 GB.
+  tiny-sd3, tiny-flux  the same structures at the test size (random weights, seconds on a CPU; tiny-flux's native
+        size is FLUX's default 128 latent pixels x its VAE factor 2, but it runs at any even latent size).
 benchmarks/gpu.py's analytic FLOP count refuses UNet configs it does not cover (SDXL).
 
 Weights: the default initialisation of diffusers / transformers under a fixed seed (same seed and library versions
@@ -170,9 +178,125 @@ def build_tiny(out: str, seed: int = 0, tokenizer_dir: str = ""):
     common.build_embedded_pipeline(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Flow-matching models: Stable Diffusion 3.5 Medium and FLUX.1-dev, and their tiny versions for the tests
+# ---------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-3.5-medium's transformer/, vae/ and scheduler/ config.json values.
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+FLOW_VAE = SD15_VAE | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
+SD3_VAE = FLOW_VAE | dict(scaling_factor=1.5305, shift_factor=0.0609)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# black-forest-labs/FLUX.1-dev's.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56))
+FLUX_VAE = FLOW_VAE | dict(scaling_factor=0.3611, shift_factor=0.1159)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+CLIP_L_TEXT = SD15_TEXT | dict(projection_dim=768)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
+# The tiny ones: the same structure at the embedded model's size (32 px, VAE factor 2, 32-wide text encoders).
+TINY_SD3_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=8, out_channels=8, num_layers=2,
+                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+TINY_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+TINY_FLOW_VAE = TINY_SDXL_VAE | dict(force_upcast=False, shift_factor=0.1, scaling_factor=1.5)
+TINY_T5 = dict(d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+
+def char_t5_tokenizer():
+    """A T5 tokenizer with no file to download: unigram pieces for every lowercase letter, digit and some
+    punctuation (each word tokenizes into characters), T5's <pad>, </s>, <unk> at their ids 0, 1, 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>"] + list("abcdefghijklmnopqrstuvwxyz0123456789,.'-")
+    tokenizer = Tokenizer(models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+
+
+def _save_flow(out, kind, transformer, vae, scheduler, text_encoders, tokenizers, dtype):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    parts = {n: m.to(dtype) for n, m in zip(names, text_encoders)}
+    parts |= {n.replace("text_encoder", "tokenizer"): t for n, t in zip(names, tokenizers)}
+    cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[kind]
+    cls(transformer=transformer.to(dtype), vae=vae.to(dtype), scheduler=scheduler, **parts).save_pretrained(
+        out, safe_serialization=True)
+
+
+def _flow_parts(kind, transformer_config, vae_config, clip, clip_g, t5, tokenizer, seed):
+    """The components of an SD3 (CLIP-L and CLIP-G with projections, T5) or FLUX (CLIP-L, T5) pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    t5_tokenizer = char_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = (SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel)(**transformer_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config)
+    torch.manual_seed(seed + 2)
+    if kind == "sd3":
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**clip_g))]
+    else:
+        encoders = [CLIPTextModel(CLIPTextConfig(**clip))]
+    torch.manual_seed(seed + 3)
+    encoders.append(T5EncoderModel(T5Config(**t5)))
+    tokenizers = [tokenizer] * (len(encoders) - 1) + [t5_tokenizer]
+    scheduler = FlowMatchEulerDiscreteScheduler(**(SD3_SCHEDULER if kind == "sd3" else FLUX_SCHEDULER))
+    return transformer, vae, scheduler, encoders, tokenizers
+
+
+def build_sd35_medium(out: str, seed: int = 0, tokenizer_dir: str = ""):
+    """Write Stable Diffusion 3.5 Medium (random weights, `seed`) in diffusers format, bf16 on disk (~20 GB with
+    T5-XXL). Needs ~40 GB of memory to build: meant for the GPU machine."""
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else char_clip_tokenizer()
+    parts = _flow_parts("sd3", SD35M_TRANSFORMER, SD3_VAE, CLIP_L_TEXT, SDXL_TEXT_2, T5_XXL, tokenizer, seed)
+    _save_flow(out, "sd3", *parts, torch.bfloat16)
+
+
+def build_flux_dev(out: str, seed: int = 0, tokenizer_dir: str = ""):
+    """Write FLUX.1-dev (random weights, `seed`), bf16 on disk (~33 GB with T5-XXL). Needs ~80 GB of memory to
+    build: meant for the GPU machine."""
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else char_clip_tokenizer()
+    parts = _flow_parts("flux", FLUX_DEV_TRANSFORMER, FLUX_VAE, SD15_TEXT, None, T5_XXL, tokenizer, seed)
+    _save_flow(out, "flux", *parts, torch.bfloat16)
+
+
+def build_tiny_sd3(out: str, seed: int = 0, tokenizer_dir: str = ""):
+    """Write the tiny SD3 (random weights, `seed`; with a 64-wide T5, as wide as its joint attention), fp32."""
+    t5 = TINY_T5 | dict(vocab_size=len(char_t5_tokenizer()), d_model=64)
+    parts = _flow_parts("sd3", TINY_SD3_TRANSFORMER, TINY_FLOW_VAE | dict(latent_channels=8), TINY_TEXT, TINY_TEXT,
+                        t5, char_clip_tokenizer(514), seed)
+    _save_flow(out, "sd3", *parts, torch.float32)
+
+
+def build_tiny_flux(out: str, seed: int = 0, tokenizer_dir: str = ""):
+    """Write the tiny FLUX (random weights, `seed`; guidance-distilled like FLUX.1-dev), fp32."""
+    t5 = TINY_T5 | dict(vocab_size=len(char_t5_tokenizer()), d_model=32)
+    parts = _flow_parts("flux", TINY_FLUX_TRANSFORMER, TINY_FLOW_VAE | dict(use_quant_conv=False,
+                        use_post_quant_conv=False), TINY_TEXT, None, t5, char_clip_tokenizer(514), seed)
+    _save_flow(out, "flux", *parts, torch.float32)
+
+
 # Native image size of each architecture (pixels), for callers that pick a default resolution.
-ARCHS = {"sd15": build_sd15, "tiny": build_tiny, "sdxl": build_sdxl, "tiny-sdxl": build_tiny_sdxl}
-NATIVE_RESOLUTION = {"sd15": 512, "tiny": common.EMBEDDED_RESOLUTION, "sdxl": 1024, "tiny-sdxl": 32}
+ARCHS = {"sd15": build_sd15, "tiny": build_tiny, "sdxl": build_sdxl, "tiny-sdxl": build_tiny_sdxl,
+         "sd35-medium": build_sd35_medium, "flux-dev": build_flux_dev, "tiny-sd3": build_tiny_sd3,
+         "tiny-flux": build_tiny_flux}
+NATIVE_RESOLUTION = {"sd15": 512, "tiny": common.EMBEDDED_RESOLUTION, "sdxl": 1024, "tiny-sdxl": 32,
+                     "sd35-medium": 1024, "flux-dev": 1024, "tiny-sd3": 32, "tiny-flux": 256}
 
 
 def build(arch: str, out: str, seed: int = 0, tokenizer_dir: str = "") -> str:
@@ -213,7 +337,7 @@ def check_finite(path: str, resolution: int, dtypes=(torch.float32, torch.bfloat
 @dataclass
 class Args:
     arch: str = "sd15"
-    """architecture: sd15, sdxl (full-size Stable Diffusion 1.5 / XL base), tiny, tiny-sdxl (test sizes)"""
+    """architecture: sd15, sdxl, sd35-medium, flux-dev (full size), tiny, tiny-sdxl, tiny-sd3, tiny-flux (test sizes)"""
     out: str = ""
     """output folder (created); pass it to any script as --model"""
     seed: int = 0

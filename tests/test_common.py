@@ -1008,6 +1008,195 @@ def test_every_script_runs_an_iteration_on_sdxl(method, tiny_sdxl, tmp_path, mon
     assert json.loads((tmp_path / "run" / "args.json").read_text())["eval_num_steps"] == 3
 
 
+# --- Flow-matching models: SD3 and FLUX -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=["tiny-sd3", "tiny-flux"])
+def tiny_flow(request, tmp_path_factory):
+    """A tiny SD3 (CLIP-L, CLIP-G, T5) or FLUX (CLIP, T5, packed latents, guidance embedding) pipeline built from
+    config and saved: `--model DIR` loads it as it would a hub snapshot."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_arch
+
+    return sd_arch.build(request.param, str(tmp_path_factory.mktemp(request.param) / "model"))
+
+
+def test_flow_models_sample_as_their_own_pipelines_do(tiny_flow):
+    """The ODE rollout (eta 0) with CFG (SD3) or the guidance embedding (FLUX) gives the pipeline's own latents."""
+    import families
+
+    pipe = common.load_pipeline(tiny_flow)
+    assert common.is_flow(pipe.scheduler) and pipe.unet is pipe.transformer
+    prompts = ["a red circle", "a photo of a cat"]
+    cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, [""])
+    x_T = common.initial_latents(pipe, 2, 32, generator=torch.Generator().manual_seed(0))
+    ours = common.rollout(pipe, cond, uncond.expand(2, -1, -1), x_T, num_steps=4, guidance_scale=3.0, eta=0.0).output
+    flux = "flux" in tiny_flow
+    with torch.no_grad():
+        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, height=32, width=32, output_type="latent",
+                      latents=families.pack(x_T) if flux else x_T).images
+    if flux:
+        theirs = families.unpack(theirs, 16, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_latents_pack_into_its_patches_and_back():
+    from diffusers import FluxPipeline
+
+    import families
+
+    x = torch.randn(2, 16, 8, 12)
+    packed = families.pack(x)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, 2, 16, 8, 12), rtol=0, atol=0)
+    assert torch.equal(families.unpack(packed, 8, 12), x)
+
+
+def flow_scheduler(num_steps: int, shift: float = 3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def test_flow_euler_step_equals_the_flow_match_scheduler_step():
+    scheduler = flow_scheduler(10)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        velocity = torch.randn_like(sample)
+        expected = scheduler.step(velocity, t, sample).prev_sample
+        ours, log_prob = common.step_with_logprob(scheduler, velocity, t, sample, eta=0.0)
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(log_prob, torch.zeros(2))  # the ODE step has no density
+        x0, eps = common.predict_x0(scheduler, velocity, t, sample)
+        sigma = t / 1000
+        torch.testing.assert_close(x0, sample - sigma * velocity)  # rectified flow: x0 = x_t - sigma v
+        torch.testing.assert_close((1 - sigma) * x0 + sigma * eps, sample)  # and eps completes the interpolation
+        sample = expected
+
+
+def test_flow_sde_step_log_prob_is_the_gaussian_density_of_flow_grpos_step():
+    scheduler, a = flow_scheduler(6), 0.7
+    sigmas = scheduler.sigmas
+    sample = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for i, t in enumerate(scheduler.timesteps):
+        velocity = torch.randn_like(sample)
+        prev, log_prob = common.flow_step_with_logprob(scheduler, velocity, t, sample, a,
+                                                       generator=torch.Generator().manual_seed(i))
+        # flow.md's first form of Flow-GRPO's step: the coefficients of x and v written out
+        s, dt = sigmas[i].item(), (sigmas[i + 1] - sigmas[i]).item()
+        ratio = s / (1 - (sigmas[1].item() if s == 1 else s))
+        mean = sample * (1 + a**2 * ratio / (2 * s) * dt) + velocity * (1 + a**2 * ratio * (1 - s) / (2 * s)) * dt
+        std = a * math.sqrt(ratio) * math.sqrt(-dt)
+        expected = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(prev, mean + std * noise, rtol=1e-5, atol=1e-5)
+        # scored again with the sample given, as the RL scripts rescore stored transitions, with gradient to v
+        v = velocity.clone().requires_grad_()
+        _, again = common.step_with_logprob(scheduler, v, t, sample, a, prev_sample=prev)
+        torch.testing.assert_close(again, log_prob)
+        again.sum().backward()
+        assert v.grad.abs().sum() > 0
+        sample = prev
+
+
+def test_flow_sde_has_the_marginals_of_the_ode_on_gaussian_data():
+    """Data x0 ~ N(m, s^2): x_sigma = (1 - sigma) x0 + sigma eps is Gaussian and the exact velocity E[eps - x0 | x_sigma]
+    is linear in x_sigma. The ODE and Flow-GRPO's SDE, both driven by it from x_1 ~ N(0, 1), end in N(m, s^2)."""
+    m, s, n = 1.5, 0.5, 40000
+    scheduler = flow_scheduler(400, shift=1.0)
+
+    def velocity(x, sigma):
+        var = (1 - sigma) ** 2 * s**2 + sigma**2
+        centred = x - (1 - sigma) * m
+        return sigma / var * centred - (m + (1 - sigma) * s**2 / var * centred)
+
+    for a in (0.0, 0.7):
+        x = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        generator = torch.Generator().manual_seed(1)
+        for i, t in enumerate(scheduler.timesteps):
+            sigma = scheduler.sigmas[i].double()
+            x, _ = common.flow_step_with_logprob(scheduler, velocity(x, sigma), t, x, a, generator=generator)
+            x = x.double()
+            if i == len(scheduler.timesteps) // 2:  # midway: the marginal of x_sigma' too
+                after = scheduler.sigmas[i + 1].item()
+                assert abs(x.mean().item() - (1 - after) * m) < 0.03, (a, x.mean())
+                assert abs(x.std().item() - math.sqrt((1 - after) ** 2 * s**2 + after**2)) < 0.03, (a, x.std())
+        assert abs(x.mean().item() - m) < 0.03 and abs(x.std().item() - s) < 0.03, (a, x.mean(), x.std())
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_flow_stop_grad_input_makes_the_x0_jacobian_a_multiple_of_the_identity(eta, tiny_flow):
+    """DRTune eq. 3 on a flow model: with sg(x_t) fed to the transformer, x0_hat at the stop step is linear in x_T
+    through the chain only: d x0_hat / d x_T = c I (c = 1 for the ODE; the SDE's mean scales x by a scalar)."""
+    pipe = common.load_pipeline(tiny_flow)
+    cond, uncond = common.encode_prompts(pipe, ["a cat"]), common.encode_prompts(pipe, [""])
+    x_T = common.initial_latents(pipe, 1, 8, generator=torch.Generator().manual_seed(0))
+
+    def x0_hat(x, stop_grad_input=True):
+        out = common.rollout(pipe, cond, uncond, x, num_steps=4, guidance_scale=3.0, eta=eta, grad_steps=range(4),
+                             stop_grad_input=stop_grad_input, stop_step=3, checkpoint=False,
+                             generator=torch.Generator().manual_seed(1))
+        return out.output.flatten()
+
+    jacobian = torch.autograd.functional.jacobian(x0_hat, x_T).reshape(x_T.numel(), x_T.numel())
+    c = jacobian[0, 0]
+    torch.testing.assert_close(jacobian, c * torch.eye(x_T.numel()), rtol=1e-5, atol=1e-6)
+    assert (c - 1).abs() < 1e-6 if eta == 0 else c > 0
+    full = torch.autograd.functional.jacobian(lambda x: x0_hat(x, False), x_T).reshape(x_T.numel(), x_T.numel())
+    assert (full - full.diagonal().diag()).abs().max() > 1e-4  # without the stop-gradient it is not diagonal
+
+
+def test_flow_training_targets_are_the_velocity_and_x0_comes_back_from_it():
+    scheduler = flow_scheduler(8)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = scheduler.timesteps[[0, 3, 7]]
+    x_t = common.noised(scheduler, x0, noise, t)
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * noise)
+    target = common.denoising_target(scheduler, x0, noise, t)
+    torch.testing.assert_close(target, noise - x0)
+    x0_back, eps_back = common.predict_x0(scheduler, target, t, x_t)  # the exact velocity gives x0 and eps back
+    torch.testing.assert_close(x0_back, x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_back, noise, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_lora_defaults_to_the_attention_projections_and_loads_in_the_pipeline(tiny_flow, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = common.load_pipeline(tiny_flow)
+    for p in common.add_lora(pipe.unet, 4):  # the default --lora-targets, mapped for a transformer
+        torch.nn.init.normal_(p, std=0.1)
+    assert set(pipe.unet.peft_config["default"].target_modules) == set(common.FLOW_LORA_TARGETS.split(","))
+    runner.save_lora(pipe.unet, tmp_path)
+    state = common.check_lora_file(str(tmp_path), 4, common.LORA_TARGETS, alpha=4)  # --init-lora with the defaults
+    assert state and all(".lora_" in k for k in state)
+    fresh = DiffusionPipeline.from_pretrained(tiny_flow)
+    fresh.load_lora_weights(str(tmp_path))
+    x, cond = torch.randn(1, fresh.vae.config.latent_channels, 16, 16), common.encode_prompts(pipe, ["a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(common.unet_output(fresh.transformer, x, 500.0, cond, None, 3.0),
+                                   common.unet_output(pipe.unet, x, 500.0, cond, None, 3.0))
+        pipe.unet.disable_adapters()
+        assert not torch.allclose(common.unet_output(fresh.transformer, x, 500.0, cond, None, 3.0),
+                                  common.unet_output(pipe.unet, x, 500.0, cond, None, 3.0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_script_runs_an_iteration_on_sd3_and_flux(method, tiny_flow, tmp_path, monkeypatch):
+    import importlib
+
+    script, *flags = METHODS[method]
+    argv = [*TINY_RUN, *flags, "--model", tiny_flow, "--prompts", "simple_animals", "--iters", "2", "--resolution", "32"]
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--run-dir", str(tmp_path / "run")])
+    importlib.import_module(Path(script).stem).main()
+    rows = metrics(tmp_path / "run")
+    assert [r["iter"] for r in rows] == [0, 1, 2] and rows[-1]["final"]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in rows[:-1])
+    assert runner.load_checkpoint(tmp_path / "run")["iter"] == 2
+
+
 def test_cpu_threads_are_capped_at_the_cores_per_local_rank(monkeypatch):
     """2 ranks x 2 threads on 2 cores ran 10x slower than 2 x 1: under torchrun each rank takes its share."""
     before = torch.get_num_threads()
@@ -1028,8 +1217,8 @@ def test_cpu_threads_are_capped_at_the_cores_per_local_rank(monkeypatch):
 
 # --- the house: which module imports which, and the flags every script shares ------------------------------
 
-PROJECT_MODULES = ["hub", "distributed", "rewards", "common", "runner", "d3po_label", "ddpo", "rwr", "draft", "refl",
-                   "alignprop", "drtune", "d3po"]
+PROJECT_MODULES = ["hub", "distributed", "families", "rewards", "common", "runner", "d3po_label", "ddpo", "rwr",
+                   "draft", "refl", "alignprop", "drtune", "d3po"]
 SCRIPTS = ["ddpo", "rwr", "draft", "refl", "alignprop", "drtune", "d3po"]
 
 
@@ -1049,10 +1238,10 @@ def project_imports(module: str) -> set[str]:
 
 def test_the_modules_import_each_other_without_a_circle():
     graph = {module: project_imports(module) for module in PROJECT_MODULES}
-    # the floors: hub on nothing, distributed on nothing, rewards on hub alone, common on those two
-    assert graph["hub"] == set() and graph["distributed"] == set(), graph
+    # the floors: hub, distributed and families on nothing, rewards on hub alone, common on those three
+    assert graph["hub"] == graph["distributed"] == graph["families"] == set(), graph
     assert graph["rewards"] == {"hub"}, graph
-    assert graph["common"] == {"distributed", "hub"}, graph
+    assert graph["common"] == {"distributed", "families", "hub"}, graph
     done, path = set(), []
 
     def visit(module):  # depth-first: meeting a module still on the path is a circle

@@ -120,7 +120,7 @@ def test_first_minibatch_ratio_is_exactly_one_on_the_real_rollout_and_moves_afte
     assert len(set(k.tolist())) > 1  # the minibatch really mixes timesteps
 
     def ratio():
-        lp = ddpo.rescore(pipe, latents[idx, k], latents[idx, k + 1], timesteps[idx, k], conds[idx], uncond, w, 1.0)
+        lp, _ = ddpo.rescore(pipe, latents[idx, k], latents[idx, k + 1], timesteps[idx, k], conds[idx], uncond, w, 1.0)
         return torch.exp(lp - log_probs[idx, k]), lp
 
     r, lp = ratio()
@@ -160,9 +160,54 @@ def test_tiny_run_writes_metrics_and_lora(estimator, extra, updates, tmp_path):
     assert json.loads((run_dir / "args.json").read_text())["lr"] == {"is": 1e-3, "sf": 1e-2}[estimator]
 
 
+# --- Flow-GRPO's KL term ---------------------------------------------------------------------------
+
+
+def test_kl_to_pretrained_is_the_gaussian_kl_of_the_two_policies_steps(pipe):
+    """--kl-coeff: per step KL(N(mu_theta, s^2) || N(mu_ref, s^2)), averaged over the latent dims; zero (and with
+    zero gradient) while the LoRA is zero, the closed form of two DDIM steps (diffusers' own, noise-free) after."""
+    params = common.add_lora(pipe.unet, 2)
+    pipe.scheduler.set_timesteps(4)
+    x, t = torch.randn(2, 4, 16, 16), pipe.scheduler.timesteps[1]
+    cond, uncond = common.encode_prompts(pipe, ["a cat", "a dog"]), common.encode_prompts(pipe, ["", ""])
+    out = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    kl = ddpo.kl_to_pretrained(pipe, out, x, t, cond, uncond, 5.0, 1.0)
+    kl.sum().backward()
+    assert torch.equal(kl, torch.zeros(2)) and all(p.grad is None or not p.grad.any() for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    out = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    kl = ddpo.kl_to_pretrained(pipe, out, x, t, cond, uncond, 5.0, 1.0)
+    with torch.no_grad():
+        pipe.unet.disable_adapters()
+        out_ref = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+        pipe.unet.enable_adapters()
+    zero = torch.zeros_like(x)
+    mean = pipe.scheduler.step(out.detach(), t, x, eta=1.0, variance_noise=zero).prev_sample
+    mean_ref = pipe.scheduler.step(out_ref, t, x, eta=1.0, variance_noise=zero).prev_sample
+    prev_t = t - pipe.scheduler.config.num_train_timesteps // 4
+    std = pipe.scheduler._get_variance(t, prev_t).sqrt()
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                                 torch.distributions.Normal(mean_ref, std)).mean(dim=(1, 2, 3))
+    assert (kl > 0).all()
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_coeff_run_logs_the_kl_to_the_pretrained_policy(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("--estimator", "is", *TINY, "--sample-batches", "2", "--grad-accum", "1", "--kl-coeff", "0.1",
+                        "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:-1]
+    assert rows[0]["kl_to_pretrained"] >= 0 and rows[1]["kl_to_pretrained"] > 0  # the LoRA has moved by iteration 1
+    assert json.loads((run_dir / "args.json").read_text())["kl_coeff"] == 0.1
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--eta", "0.0"], "--eta"),
     (["--clip-range", "0.0"], "--clip-range"),
+    (["--kl-coeff", "-0.1"], "--kl-coeff"),
     (["--timestep-fraction", "0.0"], "--timestep-fraction"),
     (["--timestep-fraction", "1.5"], "--timestep-fraction"),
     (["--sample-batches", "3", "--grad-accum", "2"], "divide"),
