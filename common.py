@@ -75,8 +75,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         if source == hub.EMBEDDED_MODEL:  # built to disk, then loaded through the same path as any model
             build_embedded_pipeline(tmp)
             source = tmp
-        kind = DiffusionPipeline.load_config(source)["_class_name"]
-        cls, options = getattr(diffusers, kind), hub.PIPELINES[kind]
+        index = DiffusionPipeline.load_config(source)
+        kind = index["_class_name"]
+        # Components saved as absent (e.g. SD3 without T5: text_encoder_3 [null, null]) must be named absent to load
+        absent = {name: None for name, value in index.items() if value == [None, None]}
+        cls, options = getattr(diffusers, kind), absent | hub.PIPELINES[kind]
         if vae:
             options = options | {"vae": AutoencoderKL.from_pretrained(hub.resolve_vae(vae), dtype=dtype)}
         pipe = cls.from_pretrained(source, dtype=dtype, **options)

@@ -1040,6 +1040,23 @@ def test_flow_models_sample_as_their_own_pipelines_do(tiny_flow):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_sd3_saved_without_t5_loads_with_zeros_in_t5s_place(tmp_path):
+    """text_encoder_3 = None (the toy flow model; SD3 loaded without its 4.7 B T5): model_index.json records it as
+    [null, null] and load_pipeline names it absent; the conditioning has as many zero tokens as CLIP has tokens."""
+    from diffusers import StableDiffusion3Pipeline
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd_arch
+
+    full = StableDiffusion3Pipeline.from_pretrained(sd_arch.build("tiny-sd3", str(tmp_path / "full")))
+    full.register_modules(text_encoder_3=None, tokenizer_3=None)
+    full.save_pretrained(tmp_path / "no-t5")
+    pipe = common.load_pipeline(str(tmp_path / "no-t5"))
+    assert pipe.text_encoder_3 is None
+    cond = common.encode_prompts(pipe, ["a cat"])
+    assert cond.shape == (1, 77 + 77 + 1, 64) and not cond[:, 77:-1].any()
+
+
 def test_flux_latents_pack_into_its_patches_and_back():
     from diffusers import FluxPipeline
 
