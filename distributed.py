@@ -14,7 +14,6 @@ import os
 import random
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 RANK, WORLD = 0, 1
 
@@ -55,8 +54,8 @@ def choices(population, k: int) -> list:
 def randn(shape, device, dtype=torch.float32, generator=None):
     """Gaussian noise for this rank's share of a global batch (shape[0] per rank); with a generator (the
     evaluation's, on rank 0 alone) exactly what it asks for."""
-    if generator is not None:
-        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+    if generator is not None:  # drawn where the generator lives (the evaluation's: the CPU), then moved (as diffusers)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
     return shard(torch.randn((shape[0] * WORLD, *shape[1:]), dtype=dtype)).to(device)
 
 

@@ -46,8 +46,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY_MODEL, TOY_MODEL_DIR = "toy", ROOT / "toyworld" / "sd"  # as in hub.py
-TOY_FLOW_MODEL, TOY_FLOW_MODEL_DIR = "toy-flow", ROOT / "toyworld" / "flow"
+sys.path.insert(0, str(ROOT))
+import hub  # noqa: E402  (the toy models' names and folders; hub imports nothing heavy)
+
+TOY_MODEL = hub.TOY_MODEL
 SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.py", "rwr.py")
 
 # Named comparisons. Keys: about, reward ("default": each script's own), methods (name -> "script flags"), budget
@@ -290,8 +292,7 @@ def parse_method(name: str, spec: str, common: list) -> Method:
 
 
 def is_toy(model: str) -> bool:
-    return model in (TOY_MODEL, TOY_FLOW_MODEL) or Path(model).expanduser().resolve() in (TOY_MODEL_DIR,
-                                                                                          TOY_FLOW_MODEL_DIR)
+    return model != hub.EMBEDDED_MODEL and hub.is_toy(model)  # the trained toy models: check.py can score them
 
 
 def settle(ns: argparse.Namespace) -> argparse.Namespace:

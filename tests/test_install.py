@@ -43,13 +43,41 @@ def test_the_readme_runs_the_fast_tier_then_the_slow_one_and_neither_is_empty():
     assert sum(text.count("pytest.mark.slow") for text in sources) > 0  # the slow tier; the fast one holds this test
 
 
+def imported_packages(paths) -> set[str]:
+    """Top-level names every `import x` and `from x import y` in these files names (functions' own imports too)."""
+    import ast
+
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;(]", requirement.strip())[0].lower().replace("_", "-")
+
+
 def test_the_test_extra_brings_every_optional_package_the_tests_import():
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    test_extra = {re.split(r"[<>=\[ ;]", req)[0].lower() for req in extras["test"]}
-    sources = "\n".join(path.read_text() for path in (ROOT / "tests").glob("*.py"))
-    sources += "\n".join(path.read_text() for path in (ROOT / "benchmarks").glob("*.py"))
-    # optional package -> the import name the tests and benchmarks use
-    optional = {"open_clip_torch": "open_clip", "matplotlib": "matplotlib"}
-    for package, module in optional.items():
-        if re.search(rf"^\s*import {module}\b", sources, re.M):
-            assert package in test_extra, f"the tests import {module}: put {package} in the test extra"
+    """Every third-party module the code, tests and benchmarks import (`import x` or `from x import y`) comes with the
+    core dependencies, the test extra, or a package those require (e.g. tokenizers, with transformers)."""
+    import sys
+    from importlib import metadata
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {requirement_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    brought = set(wanted)
+    for name in wanted:  # one level down: what the declared packages themselves require
+        brought |= {requirement_name(r) for r in (metadata.requires(name) or []) if "extra ==" not in r}
+    files = [*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "toyworld").glob("*.py")]
+    local = {p.stem for p in files} | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    distributions = metadata.packages_distributions()
+    for module in sorted(imported_packages(files) - set(sys.stdlib_module_names) - local):
+        packages = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
+        assert packages, f"{module} is imported but installed by no package here"
+        assert packages & brought, (f"the code imports {module} ({', '.join(sorted(packages))}): put it in the test "
+                                    "extra (or the dependencies) of pyproject.toml")
