@@ -95,6 +95,8 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
             module.requires_grad_(False)
             module.eval()
     pipe.unet.pixels_per_latent = pipe.vae_scale_factor  # SDXL's time ids are in pixels (families.denoise)
+    # what diffusers must be told is absent to load this model again (the model card's snippet)
+    pipe.unet.absent_text_components = sorted(n for n in absent if n.startswith(("text_encoder", "tokenizer")))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -58,7 +58,7 @@ def denoise(model, latents, t, cond, guidance_scale: float = 1.0):
     embeds, pooled = cond[:, :-1], cond[:, -1]
     if isinstance(model, SD3Transformer2DModel):
         pooled = pooled[:, :model.config.pooled_projection_dim]
-        return model(hidden_states=latents, timestep=t.to(latents.dtype), encoder_hidden_states=embeds,
+        return model(hidden_states=latents, timestep=t, encoder_hidden_states=embeds,  # t in fp32, as its pipeline
                      pooled_projections=pooled).sample
     if isinstance(model, FluxTransformer2DModel):
         return flux_denoise(model, latents, t, embeds, pooled[:, :model.config.pooled_projection_dim], guidance_scale)
@@ -95,7 +95,7 @@ def flux_denoise(model, latents, t, embeds, pooled, guidance_scale: float):
     text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device)
     guidance = (torch.full((b,), float(guidance_scale), device=latents.device)
                 if model.config.guidance_embeds else None)
-    out = model(hidden_states=pack(latents), timestep=t.to(latents.dtype) / 1000, guidance=guidance,
+    out = model(hidden_states=pack(latents), timestep=t.to(latents.dtype) / 1000, guidance=guidance,  # as FluxPipeline
                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                 img_ids=image_ids.reshape(-1, 3)).sample
     return unpack(out, h, w)

@@ -715,7 +715,8 @@ def model_card(run) -> str:
         "",
         "```python",
         "from diffusers import DiffusionPipeline",
-        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(model)})",
+        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(model)}"
+        + "".join(f", {name}=None" for name in getattr(run.unet, "absent_text_components", [])) + ")",
         f"pipe.load_lora_weights({json.dumps(str(run.dir))})",
         "```",
         "",
