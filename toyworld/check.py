@@ -32,13 +32,13 @@ class Args:
     """a run directory holding pytorch_lora_weights.safetensors, or a LoRA .safetensors file (empty: the pretrained
     model)"""
     model: str = hub.TOY_MODEL
-    """the toy model (or any diffusers folder drawing the toy world)"""
+    """the toy model, toy-flow (its flow-matching twin), or any diffusers folder drawing the toy world"""
     prompts: str = "toy_eval"
     """prompt set or file; prompts must follow the toy caption grammar"""
     n: int = 96
     """samples (the prompts cycled)"""
     num_steps: int = 20
-    """DDIM steps (eta 0)"""
+    """sampling steps, deterministic (DDIM at eta 0, or a flow model's ODE)"""
     guidance_scale: float = 5.0
     """classifier-free guidance scale"""
     grid: str = ""
