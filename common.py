@@ -116,13 +116,13 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets: str = LORA_TA
     same UNet under `unet.disable_adapters()`: no copy. On a flow model's transformer the default targets are
     FLOW_LORA_TARGETS.
     """
-    targets = lora_targets(unet, targets)
+    targets = lora_targets(lora_component(unet), targets)
     names = [t.strip() for t in targets.split(",") if t.strip()]
     layers = [n for n, _ in unet.named_modules()]
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in layers)]
     if not names or missing:
         fail(f"--lora-targets {targets!r}: no {type(unet).__name__} layer named {', '.join(missing) or '(empty)'} "
-             f"(e.g. {lora_targets(unet, LORA_TARGETS)})")
+             f"(e.g. {lora_targets(lora_component(unet), LORA_TARGETS)})")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                         target_modules=names)
     unet.add_adapter(config)
@@ -139,9 +139,10 @@ def lora_component(unet) -> str:
     return "unet" if isinstance(unet, UNet2DConditionModel) else "transformer"
 
 
-def lora_targets(unet, targets: str) -> str:
-    """--lora-targets for this denoiser: as given, except that the default on a transformer is FLOW_LORA_TARGETS."""
-    return FLOW_LORA_TARGETS if targets == LORA_TARGETS and not isinstance(unet, UNet2DConditionModel) else targets
+def lora_targets(component: str, targets: str) -> str:
+    """--lora-targets for a LoRA on this component: as given, except that the default on a transformer is
+    FLOW_LORA_TARGETS."""
+    return FLOW_LORA_TARGETS if targets == LORA_TARGETS and component == "transformer" else targets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +540,7 @@ def check_lora_file(path: str, rank: int, targets: str, what: str = "--init-lora
     ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
     layers = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
     kinds = {".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers}
-    if component == "transformer" and targets == LORA_TARGETS:  # a flow model's default (lora_targets)
-        targets = FLOW_LORA_TARGETS
+    targets = lora_targets(component, targets)
     wanted = {t.strip() for t in targets.split(",") if t.strip()}
     if ranks != {rank}:
         fail(f"{what} {path} has LoRA rank {', '.join(map(str, sorted(ranks)))}; pass --lora-rank to match (got {rank})")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionXLPipeline)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 # SD3's T5 sequence length (the diffusers default). A model without T5 (text_encoder_3 = None: the toy flow model,
 # or SD3 loaded without it to save memory) gets zeros in T5's place, as many as its CLIP tokenizer's length.
@@ -89,22 +90,18 @@ def unpack(tokens, h: int, w: int):
 
 def flux_denoise(model, latents, t, embeds, pooled, guidance_scale: float):
     b, _, h, w = latents.shape
-    image_ids = torch.zeros(h // 2, w // 2, 3, device=latents.device)  # (0, row, column) of each patch, for RoPE
-    image_ids[..., 1] += torch.arange(h // 2, device=latents.device)[:, None]
-    image_ids[..., 2] += torch.arange(w // 2, device=latents.device)[None, :]
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, torch.float32)  # for RoPE
     text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device)
     guidance = (torch.full((b,), float(guidance_scale), device=latents.device)
                 if model.config.guidance_embeds else None)
     out = model(hidden_states=pack(latents), timestep=t.to(latents.dtype) / 1000, guidance=guidance,  # as FluxPipeline
                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                img_ids=image_ids.reshape(-1, 3)).sample
+                img_ids=image_ids).sample
     return unpack(out, h, w)
 
 
 def flux_shift(scheduler, h: int, w: int) -> float:
-    """FLUX's resolution-dependent timestep shift mu: linear in the number of image tokens (FluxPipeline's)."""
+    """FLUX's resolution-dependent timestep shift mu for (h, w) latents: FluxPipeline's, linear in the token count."""
     c = scheduler.config
-    base, top = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-    lo, hi = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
-    tokens = (h // 2) * (w // 2)
-    return lo + (hi - lo) * (tokens - base) / (top - base)
+    return calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
