@@ -148,18 +148,6 @@ PRESETS = {
         "fidelity": "on",
         "holds": "halve-asymmetry",
     },
-    "flow-flagship": {
-        "about": "The flagship on the toy flow world: python drtune.py --model toy-flow --reward symmetry --K 5, its "
-                 "defaults, 5 seeds x 2 float paths, with toyworld/check.py's fidelity (same bar as the flagship)",
-        "reward": "symmetry",
-        "model": "toy-flow",
-        "iters": "default",
-        "seeds": [0, 1, 2, 3, 4],
-        "threads": [1, 2],
-        "methods": {"DRTune": "drtune.py --K 5"},
-        "fidelity": "on",
-        "holds": "halve-asymmetry",
-    },
     "defaults": {
         "about": "Every script's default run (no flags: each its own reward, iterations and evaluation cadence), 3 "
                  "seeds x 2 float paths (--threads 1 and 2); a run holds when its eval reward gains with the prompt "
@@ -174,6 +162,10 @@ PRESETS = {
         "holds": "gain",
     },
 }
+PRESETS["flow-flagship"] = PRESETS["flagship"] | {
+    "about": "The flagship on the toy flow world: python drtune.py --model toy-flow --reward symmetry --K 5, its "
+             "defaults, 5 seeds x 2 float paths, with toyworld/check.py's fidelity (same bar as the flagship)",
+    "model": "toy-flow"}
 # What makes a run hold (--holds): "gain": its eval reward rises with the prompt kept; "halve-asymmetry": the
 # flagship's bar, half the pretrained model's held-out asymmetry with the prompt kept more strictly.
 HOLDS = {"gain": {"colour": 0.90, "background": 0.90, "shape": 0.75},
