@@ -1,8 +1,7 @@
 """The diffusion core the seven method scripts share, in the order a method uses it: load Stable Diffusion (or the
 toy world's model), add LoRA, encode prompts, call the UNet with classifier-free guidance, predict x0, take the DDIM
 step with its log-probability (or, on a flow-matching model, the Euler step of its ODE or Flow-GRPO's SDE step),
-roll the chain out, decode; then the compute count, the shared evaluation, saved LoRA files and the embedded tiny
-model the tests use.
+roll the chain out, decode; then the shared evaluation and saved LoRA files.
 
 Two kinds of model, one interface: diffusion models (SD 1.x/2.x/XL: DDIM, epsilon or v prediction) and
 flow-matching models (SD3/3.5, FLUX: x_sigma = (1 - sigma) x0 + sigma eps, velocity prediction). The scheduler
@@ -12,8 +11,8 @@ FLUX's packed latents) is families.py.
 No method's loss or estimator lives here. `rollout` carries out a gradient routing but does not choose
 one: each script decides which steps carry gradient, whether the UNet input is detached and where
 sampling stops, what is rewarded and how the loss is built, and passes those choices in as knobs.
-The run around it (flags, run directory, checkpoints) is runner.py; ranks are distributed.py; where weights come
-from is hub.py.
+The run around it (flags, run directory, checkpoints) is runner.py; ranks and the compute count are distributed.py;
+where weights come from (and the tests' embedded tiny model) is hub.py.
 """
 
 import json
@@ -43,7 +42,6 @@ import families
 import hub
 from hub import fail
 
-EMBEDDED_RESOLUTION = 32  # the embedded model's native image size (VAE factor 2 -> 16x16 latents)
 EVAL_SEED = 1234  # eval noise is fixed across methods and training seeds, so runs compare like for like
 # One evaluation for every script, so that methods compare on one footing: deterministic DDIM (eta 0) with this
 # T and guidance scale (--eval-num-steps / --eval-guidance-scale 0 take them), --eval-size fixed prompts
@@ -73,7 +71,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     source = hub.resolve_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         if source == hub.EMBEDDED_MODEL:  # built to disk, then loaded through the same path as any model
-            build_embedded_pipeline(tmp)
+            hub.build_embedded_pipeline(tmp)
             source = tmp
         index = DiffusionPipeline.load_config(source)
         kind = index["_class_name"]
@@ -163,14 +161,14 @@ def encode_prompts(pipe, prompts: list[str]):
 
 def unet_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0):
     """The (guided) UNet output in fp32; cond and uncond go through one batched call (FLUX: one call, the guidance
-    scale an input of the model). Counted in COMPUTE: image-steps forward when called (a checkpointed call again
-    when recomputed), backward when a gradient reaches the output."""
+    scale an input of the model). Counted in distributed.COMPUTE: image-steps forward when called (a checkpointed
+    call again when recomputed), backward when a gradient reaches the output."""
     if families.guidance_in_model(unet):
-        count("unet_forwards", len(latents))
+        distributed.count("unet_forwards", len(latents))
         return _count_backward(families.denoise(unet, latents.to(unet.dtype), t, cond.to(unet.dtype),
                                                 guidance_scale)).float()
     guided = uncond is not None and guidance_scale != 1.0
-    count("unet_forwards", len(latents) * (2 if guided else 1))
+    distributed.count("unet_forwards", len(latents) * (2 if guided else 1))
     if not guided:
         return _count_backward(_unet(unet, latents.to(unet.dtype), t, cond.to(unet.dtype))).float()
     if torch.is_tensor(t) and t.ndim == 1:  # one timestep per row: the doubled batch needs them twice
@@ -189,8 +187,8 @@ def _unet(unet, latents, t, cond):
 
 
 def _count_backward(sample):
-    if sample.requires_grad and _counting[0]:
-        sample.register_hook(lambda grad: count("unet_backwards", len(grad)))
+    if sample.requires_grad and distributed.counting():
+        sample.register_hook(lambda grad: distributed.count("unet_backwards", len(grad)))
     return sample
 
 
@@ -410,7 +408,7 @@ def decode(vae, latents, checkpoint: bool = False):
     pixels (the toy world's white and black backgrounds), so a reward could push a picture into saturation
     and nothing, not even the CLIP regulariser, could pull it back.
     """
-    count("vae_decodes", len(latents))
+    distributed.count("vae_decodes", len(latents))
     z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0)
     if checkpoint and torch.is_grad_enabled():
         images = torch.utils.checkpoint.checkpoint(lambda z: vae.decode(z).sample, z, use_reentrant=False)
@@ -428,38 +426,6 @@ def encode_images(vae, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compute: a machine-independent count of the work a run has done (its budget unit)
-# ---------------------------------------------------------------------------------------------
-
-# Cumulative over a run (and restored on resume): UNet image-steps forward and backward (a CFG call counts
-# both halves; a checkpointed call's recomputation counts as another forward), VAE decodes and images scored.
-# Evaluation is not counted: it measures a run and is the same for every method.
-COMPUTE = {"unet_forwards": 0, "unet_backwards": 0, "vae_decodes": 0, "reward_evals": 0}
-_counting = [True]
-
-
-def count(kind: str, n: int):
-    if _counting[0]:
-        COMPUTE[kind] += n
-
-
-def compute_units() -> float:
-    """The budget unit: UNet passes, a backward counted as two forwards (about its FLOPs), of all ranks (each
-    does the same work on its share of the batch)."""
-    return (COMPUTE["unet_forwards"] + 2 * COMPUTE["unet_backwards"]) * distributed.WORLD
-
-
-class uncounted:
-    """Leave evaluation out of the compute count."""
-
-    def __enter__(self):
-        self.previous, _counting[0] = _counting[0], False
-
-    def __exit__(self, *exc):
-        _counting[0] = self.previous
-
-
-# ---------------------------------------------------------------------------------------------
 # The evaluation every script shares (EVAL_PROTOCOL)
 # ---------------------------------------------------------------------------------------------
 
@@ -471,7 +437,7 @@ def evaluate(pipe, prompts, reward_fn, *, num_steps, guidance_scale, resolution,
     generator = torch.Generator().manual_seed(EVAL_SEED)
     uncond_one = encode_prompts(pipe, [""])
     rewards, images = [], []
-    with uncounted():
+    with distributed.uncounted():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             cond = encode_prompts(pipe, chunk)
@@ -560,44 +526,3 @@ def load_lora(unet, path: str, what: str = "--init-lora"):
     config = unet.peft_config["default"]
     _check_alpha(path, saved_alpha, config.r, config.lora_alpha, what)
     set_peft_model_state_dict(unet, {k: v.float() for k, v in state.items()}, adapter_name="default")
-
-
-# ---------------------------------------------------------------------------------------------
-# The embedded tiny Stable Diffusion (random weights: the tests' model, built offline in a second)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_embedded_pipeline(path: str):
-    """Write the embedded tiny Stable Diffusion (random weights, fixed seed) in diffusers format."""
-    # A byte-level BPE vocabulary with no merges: every character is a token, so no file is downloaded.
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    codepoints, extra = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            codepoints.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codepoints]
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    tokenizer.model_max_length = 77
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    unet = UNet2DConditionModel(
-        sample_size=EMBEDDED_RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=EMBEDDED_RESOLUTION)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(path)

@@ -122,8 +122,6 @@ def check_args(args: Args):
              "(the ratio is not 1); use --guidance-scale 1.0 with it, or keep CFG training (appendix G.1)")
     if args.kl_coeff < 0:
         fail(f"--kl-coeff must be >= 0 (got {args.kl_coeff})")
-    if args.clip_range <= 0:
-        fail(f"--clip-range must be positive (got {args.clip_range})")
     if not 0 < args.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
     for name in ("sample_batches", "samples_per_prompt", "inner_epochs", "stat_buffer", "stat_min_count", "eval_size"):
@@ -139,7 +137,7 @@ def check_args(args: Args):
     if grad_accum < 0 or args.sample_batches % grad_accum:
         fail(f"--grad-accum {grad_accum} must divide --sample-batches {args.sample_batches} "
              "(each update takes a whole number of sampling batches)")
-    for name in ("adv_clip_max", "grad_clip", "ratio_tol"):
+    for name in ("clip_range", "adv_clip_max", "grad_clip", "ratio_tol"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     return prompts, grad_accum
@@ -193,12 +191,9 @@ def sf_loss(log_prob, advantages):
 
 
 def rescore(pipe, latents, next_latents, timesteps, cond, uncond, guidance_scale: float, eta: float):
-    """log p_theta(x_{t-1} | x_t, c) of stored transitions, with gradient; one timestep per row (B,); and the
-    model output (for the KL penalty).
-
-    The UNet call, CFG batching and sampler step are those of sampling (common.rollout), so with unchanged
-    weights and the same batch size this reproduces the recorded log-prob (ratio exactly 1).
-    """
+    """log p_theta(x_{t-1} | x_t, c) of stored transitions, with gradient, one timestep per row (B,), and the model
+    output (for the KL). The UNet call, CFG batching and sampler step are sampling's (common.rollout), so with
+    unchanged weights and the same batch size this reproduces the recorded log-prob (ratio exactly 1)."""
     out = common.unet_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
     _, log_prob = common.step_with_logprob(pipe.scheduler, out, timesteps, latents, eta, prev_sample=next_latents)
     return log_prob, out
@@ -229,8 +224,7 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = runner.reward_function(args, device, dtype)
     eval_set = runner.eval_prompts(args.prompts, prompts, args.eval_size)
-    run_name = f"ddpo_{args.estimator}"
-    run = runner.Run(__file__, args, pipe.unet, optimizer, device, name=run_name)
+    run = runner.Run(__file__, args, pipe.unet, optimizer, device, name=f"ddpo_{args.estimator}")
     B, T = args.batch_size, args.num_steps
     uncond = common.encode_prompts(pipe, [""]).expand(B, -1, -1)
     train_uncond = uncond if args.cfg_training else None
@@ -290,7 +284,6 @@ def main():
         # ALGO LOGIC: updates. Gradients accumulate over samples x trained timesteps (F.1), one
         # micro-batch and one timestep per backward so memory does not grow with T.
         n_train_t = max(1, int(T * args.timestep_fraction))
-        micro_per_update = grad_accum
         stats = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "kl": []}
         grad_norms, first_update_done = [], False
         for _ in range(args.inner_epochs):
@@ -319,7 +312,7 @@ def main():
                                               train_uncond, args.guidance_scale, args.eta)
                         loss = loss + args.kl_coeff * kl
                         stats["kl"].append(kl.mean().item())
-                    (loss.mean() / (micro_per_update * n_train_t)).backward()
+                    (loss.mean() / (grad_accum * n_train_t)).backward()
                     ratio = ratio.detach()
                     # Before the round's first update the policy is the sampling policy: the ratio must be 1.
                     # If not, re-scoring differs from sampling (precision, batching) and eq. 4 is wrong.
@@ -327,15 +320,14 @@ def main():
                         run.stop(f"iteration {it}: importance ratio off by {(ratio - 1).abs().max().item():.2e} before "
                                  f"the first update, more than --ratio-tol {args.ratio_tol}: re-scoring does not "
                                  "reproduce sampling (try --dtype fp32)")
-                    delta = log_prob.detach() - log_probs[idx, k]
                     stats["loss"].append(loss.mean().item())
-                    stats["approx_kl"].append(0.5 * (delta**2).mean().item())  # as ddpo-pytorch logs it
+                    stats["approx_kl"].append(0.5 * ((log_prob.detach() - log_probs[idx, k]) ** 2).mean().item())
                     stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mean().item())
                     stats["ratio"].append(ratio.mean().item())
-                if (m + 1) % micro_per_update == 0:
+                if (m + 1) % grad_accum == 0:
                     distributed.average_gradients(params)  # over the ranks, before clipping
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
-                    run.guard(it, loss=stats["loss"][-micro_per_update * n_train_t:], grad_norm=grad_norms[-1])
+                    run.guard(it, loss=stats["loss"][-grad_accum * n_train_t:], grad_norm=grad_norms[-1])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     first_update_done = True
@@ -348,8 +340,7 @@ def main():
                 "ratio_mean": float(np.mean(stats["ratio"])),
                 "grad_norm": float(np.mean(grad_norms)), "updates": len(grad_norms), "samples_seen": samples_seen,
                 "advantage_abs_mean": float(np.abs(round_advantages).mean())}
-        if args.kl_coeff:
-            row["kl_to_pretrained"] = float(np.mean(stats["kl"]))
+        row |= {"kl_to_pretrained": float(np.mean(stats["kl"]))} if args.kl_coeff else {}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

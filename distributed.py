@@ -1,4 +1,5 @@
-"""Data parallel: the same script under torchrun / accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK).
+"""Data parallel: the same script under torchrun / accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK); and the
+compute count over the ranks (the --budget unit; common counts UNet passes and decodes into it).
 
 Every rank draws the same random numbers, and every draw for a batch is made for the global batch, of which
 a rank keeps its share (shard): N ranks with --batch-size B compute what one process with N * B would, every
@@ -134,3 +135,38 @@ def lora_digest(lora: dict) -> str:
         digest.update(name.encode() + lora[name].float().numpy().tobytes())
     return digest.hexdigest()
 
+
+# ---------------------------------------------------------------------------------------------
+# The compute count: a machine-independent count of the work a run has done (its --budget unit)
+# ---------------------------------------------------------------------------------------------
+
+# Cumulative over a run (and restored on resume): UNet image-steps forward and backward (a CFG call counts
+# both halves; a checkpointed call's recomputation counts as another forward), VAE decodes and images scored.
+# Evaluation is not counted: it measures a run and is the same for every method.
+COMPUTE = {"unet_forwards": 0, "unet_backwards": 0, "vae_decodes": 0, "reward_evals": 0}
+_counting = [True]
+
+
+def counting() -> bool:
+    return _counting[0]
+
+
+def count(kind: str, n: int):
+    if _counting[0]:
+        COMPUTE[kind] += n
+
+
+def compute_units() -> float:
+    """The budget unit: UNet passes, a backward counted as two forwards (about its FLOPs), of all ranks (each
+    does the same work on its share of the batch)."""
+    return (COMPUTE["unet_forwards"] + 2 * COMPUTE["unet_backwards"]) * WORLD
+
+
+class uncounted:
+    """Leave evaluation out of the compute count."""
+
+    def __enter__(self):
+        self.previous, _counting[0] = _counting[0], False
+
+    def __exit__(self, *exc):
+        _counting[0] = self.previous

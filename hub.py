@@ -1,8 +1,8 @@
 """Where weights come from: the toy world's model and CLIP, local folders and hub ids, checked without loading
-anything; and the one-line failure every check in the project ends in.
+anything, and the tests' embedded tiny model, built; and the one-line failure every check in the project ends in.
 
-The lowest floor of the house: it imports neither torch nor any module of the project, so `rewards.py` and
-`common.py` can both stand on it.
+The lowest floor of the house: it imports neither torch nor any module of the project (the embedded model's
+builder imports them when called), so `rewards.py` and `common.py` can both stand on it.
 """
 
 import json
@@ -112,3 +112,48 @@ def resolve_clip(name: str) -> str:
         return TOY_CLIP
     return resolve_pretrained(name, "--clip-model", "config.json", "a transformers CLIPModel folder",
                               "openai/clip-vit-large-patch14")
+
+
+# The embedded tiny Stable Diffusion (random weights: the mechanics without meaning)
+EMBEDDED_RESOLUTION = 32  # its native image size (VAE factor 2 -> 16x16 latents)
+
+
+def build_embedded_pipeline(path: str):
+    """Write the embedded tiny Stable Diffusion (random weights, fixed seed) in diffusers format: the tests' model,
+    built offline in a second and then loaded like any folder (common.load_pipeline)."""
+    import torch  # here, not at the top: this module stands below torch (see its docstring)
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # A byte-level BPE vocabulary with no merges: every character is a token, so no file is downloaded.
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    codepoints, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            codepoints.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in codepoints]
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = 77
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet = UNet2DConditionModel(
+        sample_size=EMBEDDED_RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=EMBEDDED_RESOLUTION)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)

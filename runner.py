@@ -347,11 +347,11 @@ def reward_options(args) -> dict:
 
 def reward_function(args, device="cpu", dtype=torch.float32):
     """The `--reward` function (rewards.make: a reward, a weighted sum, a user's module:function), its models
-    loaded once, on the run's device; each image scored counts in the compute count (common.COMPUTE)."""
+    loaded once, on the run's device; each image scored counts in the compute count (distributed.COMPUTE)."""
     fn, _ = rewards.make(args.reward, **reward_options(args), device=device, dtype=dtype)
 
     def reward(images, prompts):
-        common.count("reward_evals", len(images))
+        distributed.count("reward_evals", len(images))
         return fn(images, prompts)
 
     return reward
@@ -651,7 +651,7 @@ def model_card(run) -> str:
                                         "run came from; the snippet's path is relative to its root)")
     elif args.model == hub.EMBEDDED_MODEL:
         model, base = args.model, ("the tests' embedded tiny Stable Diffusion (random weights), built in memory: "
-                                   "write it to a folder with `common.build_embedded_pipeline(folder)` and put that "
+                                   "write it to a folder with `hub.build_embedded_pipeline(folder)` and put that "
                                    "folder's path in place of `embedded-tiny-sd` in the snippet")
     elif local:
         model, base = args.model, f"the local folder `{args.model}`"
@@ -763,7 +763,7 @@ class Run:
         self.interrupted, self.finishing, self.lead = False, False, distributed.RANK == 0
         self.budget_reason, self.signal_handlers = "", {}
         distributed.join_process_group(device)
-        common.COMPUTE.update(dict.fromkeys(common.COMPUTE, 0))  # a run counts from zero (or from its checkpoint)
+        distributed.COMPUTE.update(dict.fromkeys(distributed.COMPUTE, 0))  # a run counts from zero (or from its checkpoint)
         if args.resume:
             self.dir = Path(args.resume)
             self._restore()
@@ -847,7 +847,7 @@ class Run:
         self.rows = [r for r in checkpoint["rows"] if not r.get("final") or checkpoint["iter"] >= self.args.iters]
         self.start_iter, self.saved_iter, self.rng = checkpoint["iter"], checkpoint["iter"], checkpoint["rng"]
         self.elapsed_before, self.eval_seconds = checkpoint["elapsed"], checkpoint["eval_seconds"]
-        common.COMPUTE.update(checkpoint["compute"])
+        distributed.COMPUTE.update(checkpoint["compute"])
         if self.lead:  # rows logged after the checkpoint belong to iterations that will run again: drop them
             write_atomic(self.dir / "metrics.jsonl",
                          lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.rows).encode()))
@@ -913,7 +913,7 @@ class Run:
         """Why the run has spent its budget ('' while it has not): --budget (compute units, see compute_units) or
         --budget-seconds (training time: evaluation left out); 0 = no limit. Every rank decides alike."""
         seconds = self.args.budget_seconds and self.elapsed() - self.eval_seconds >= self.args.budget_seconds
-        if self.args.budget and common.compute_units() >= self.args.budget:
+        if self.args.budget and distributed.compute_units() >= self.args.budget:
             return f"--budget {self.args.budget:g} reached"
         if distributed.any_rank(bool(seconds)):
             return f"--budget-seconds {self.args.budget_seconds:g} reached"
@@ -954,7 +954,7 @@ class Run:
     def log(self, row: dict):
         row = {"wall_time_s": round(self.elapsed(), 3), "eval_time_s": round(self.eval_seconds, 3)} | row
         # the global batch's
-        row |= {k: v * distributed.WORLD for k, v in common.COMPUTE.items()} | {"compute": common.compute_units()}
+        row |= {k: v * distributed.WORLD for k, v in distributed.COMPUTE.items()} | {"compute": distributed.compute_units()}
         if self.cuda:
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         row = {k: (v.item() if torch.is_tensor(v) or isinstance(v, np.generic) else v) for k, v in row.items()}
@@ -1007,7 +1007,7 @@ class Run:
         if self.lead:
             save_lora(self.unet, self.dir)
             checkpoint = {"iter": self.next_iter, "lora": lora, "optimizer": self.optimizer.state_dict(),
-                          "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(common.COMPUTE),
+                          "rng": rng_state(), "state": self.state, "rows": self.rows, "compute": dict(distributed.COMPUTE),
                           "elapsed": self.elapsed(), "eval_seconds": self.eval_seconds, "ranks": distributed.WORLD}
             write_atomic(self.dir / CHECKPOINT, lambda f: torch.save(checkpoint, f))
             card = model_card(self)
@@ -1046,7 +1046,7 @@ class Run:
             raise SystemExit(130)
         evals = [r["eval_reward_mean"] for r in self.rows if "eval_reward_mean" in r]
         change = f"eval reward {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else "no eval"
-        spent = f"{self.elapsed():.0f} s, compute {common.compute_units():.4g}"
+        spent = f"{self.elapsed():.0f} s, compute {distributed.compute_units():.4g}"
         ended = f"{done} ({self.budget_reason}; {spent})" if self.budget_reason else \
             f"{plural(self.next_iter, 'iteration')} ({spent})"
         if self.lead:

@@ -14,7 +14,7 @@ Architectures (ARCHS):
         but no merges, so every character is a token: no file is downloaded, every id a real tokenizer can emit
         is < 49408, and prompts are padded to 77 tokens either way, so the text encoder's cost is unchanged.
         `--tokenizer DIR` copies a real CLIP tokenizer folder instead (e.g. the `tokenizer/` of an SD 1.5 snapshot).
-  tiny  common.build_embedded_pipeline: the random-weight tiny model the tests use (32 px, seconds on a CPU;
+  tiny  hub.build_embedded_pipeline: the random-weight tiny model the tests use (32 px, seconds on a CPU;
         its seed is fixed inside common).
   sdxl  the exact configs of stable-diffusion-xl-base-1.0: UNet 2.57 B (transformer depths 1, 2, 10, cross-attention
         2048, the "text_time" added embedding of the pooled text and six time ids), the SDXL VAE (scaling 0.13025,
@@ -175,7 +175,7 @@ def build_tiny_sdxl(out: str, seed: int = 0, tokenizer_dir: str = ""):
 
 def build_tiny(out: str, seed: int = 0, tokenizer_dir: str = ""):
     """The embedded tiny model of common (its seed is fixed there; `seed` and `tokenizer_dir` are not used)."""
-    common.build_embedded_pipeline(out)
+    hub.build_embedded_pipeline(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def build_tiny_flux(out: str, seed: int = 0, tokenizer_dir: str = ""):
 ARCHS = {"sd15": build_sd15, "tiny": build_tiny, "sdxl": build_sdxl, "tiny-sdxl": build_tiny_sdxl,
          "sd35-medium": build_sd35_medium, "flux-dev": build_flux_dev, "tiny-sd3": build_tiny_sd3,
          "tiny-flux": build_tiny_flux}
-NATIVE_RESOLUTION = {"sd15": 512, "tiny": common.EMBEDDED_RESOLUTION, "sdxl": 1024, "tiny-sdxl": 32,
+NATIVE_RESOLUTION = {"sd15": 512, "tiny": hub.EMBEDDED_RESOLUTION, "sdxl": 1024, "tiny-sdxl": 32,
                      "sd35-medium": 1024, "flux-dev": 1024, "tiny-sd3": 32, "tiny-flux": 256}
 
 

@@ -25,5 +25,5 @@ def pipe():
 def embedded_dir(tmp_path_factory):
     """The embedded model written to disk in diffusers format (for loading it like a user's folder)."""
     path = tmp_path_factory.mktemp("embedded")
-    common.build_embedded_pipeline(str(path))
+    hub.build_embedded_pipeline(str(path))
     return path

@@ -81,3 +81,19 @@ def test_the_test_extra_brings_every_optional_package_the_tests_import():
         assert packages, f"{module} is imported but installed by no package here"
         assert packages & brought, (f"the code imports {module} ({', '.join(sorted(packages))}): put it in the test "
                                     "extra (or the dependencies) of pyproject.toml")
+
+
+def test_the_readme_layout_names_every_file_of_the_house_with_its_length():
+    """The README's Layout section names every top-level module and folder, and the line counts it gives are
+    within 5 % (or 20 lines) of the files' (a stale count or a new module left out fails)."""
+    text = (ROOT / "README.md").read_text()
+    layout = re.search(r"^## Layout\n(.*?)(?=^## |\Z)", text, re.S | re.M)[1]
+    block = "\n".join(line for line in layout.splitlines() if line.startswith("    "))
+    for name, stated in re.findall(r"^\s+(\S+\.py)\s+(\d+) lines", block, re.M):
+        actual = len((ROOT / name).read_text().splitlines())
+        assert abs(actual - int(stated)) <= max(20, 0.05 * actual), (name, stated, actual)
+    named = set(re.findall(r"[\w.-]+(?:\.py|/)", block))
+    top = {p.name for p in ROOT.glob("*.py")} | {p.name + "/" for p in ROOT.iterdir() if p.is_dir()
+                                                 and not p.name.startswith((".", "__")) and not p.name.endswith(
+                                                     ".egg-info") and p.name not in ("runs", "wandb")}
+    assert top <= named, sorted(top - named)
