@@ -321,6 +321,15 @@ def _draw_with_logprob(mean, std, sample, prev_sample, generator):
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def training_timesteps(scheduler, n: int, device):
+    """n timesteps drawn as the model was pre-trained, for a denoising loss (RWR, ReFL's L_pre): uniform integers
+    below num_train_timesteps for a diffusion model (DDPM); for a flow model 1000 sigma with sigma ~ sigmoid(N(0, 1)),
+    the logit-normal SD3 was trained with (and the toy flow model: toyworld/train_flow.py)."""
+    if not is_flow(scheduler):
+        return distributed.randint(scheduler.config.num_train_timesteps, n, device)
+    return torch.sigmoid(distributed.randn((n,), device)) * scheduler.config.num_train_timesteps
+
+
 def noised(scheduler, x0, noise, t):
     """x0 noised to training timestep(s) t (integers below num_train_timesteps): q(x_t | x0) = N(sqrt(a_t) x0,
     (1 - a_t) I) for a diffusion model; x_sigma = (1 - sigma) x0 + sigma noise, sigma = t / 1000, for a flow model."""

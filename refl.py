@@ -34,7 +34,7 @@ from PIL import Image
 import common
 import distributed
 import runner
-from hub import TOY_MODEL, fail
+from hub import DEFAULT_MODEL, fail
 
 # (phi, lambda) per reward when --phi / --lam are not given. ImageReward's are the original's (phi 2, lambda 1e-3:
 # a normalised score, about N(0, 1), with large gradients). For the others phi is at or above the best value the
@@ -50,9 +50,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class Args(runner.RunArgs):
-    model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
-    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
+    model: str = DEFAULT_MODEL
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
+    flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     prompts: str = "auto"
@@ -169,15 +169,15 @@ def load_images(paths, resolution: int):
 
 
 def pretrain_loss(pipe, pairs, batch_size: int, resolution: int):
-    """The pre-training loss: noise-prediction MSE (a flow model's: velocity) at a uniform random t on real captioned
-    images."""
+    """The pre-training loss: noise-prediction MSE (a flow model's: velocity) at a random t, drawn as the model was
+    pre-trained (common.training_timesteps), on real captioned images."""
     scheduler, unet = pipe.scheduler, pipe.unet
     chosen = distributed.choices(pairs, batch_size)
     images = load_images([p for p, _ in chosen], resolution).to(unet.device)
     latents = common.encode_images(pipe.vae, images)
     cond = common.encode_prompts(pipe, [c for _, c in chosen])
     noise = distributed.randn(latents.shape, latents.device)
-    t = distributed.randint(scheduler.config.num_train_timesteps, batch_size, latents.device)
+    t = common.training_timesteps(scheduler, batch_size, latents.device)
     noisy = common.noised(scheduler, latents, noise, t)
     target = common.denoising_target(scheduler, latents, noise, t)
     prediction = common.unet_output(unet, noisy, t, cond)

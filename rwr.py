@@ -31,16 +31,16 @@ import torch
 import common
 import distributed
 import runner
-from hub import TOY_MODEL, fail
+from hub import DEFAULT_MODEL, fail
 
 
 @dataclass
 class Args(runner.RunArgs):
     weighting: str = "softmax"
     """softmax: w = n * softmax(beta r) per prompt (w_RWR); sparse: keep the top of each prompt (w_sparse)"""
-    model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
-    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
+    model: str = DEFAULT_MODEL
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
+    flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
     prompts: str = "auto"
@@ -228,10 +228,11 @@ def main():
                 while len(order) < B:
                     order = torch.cat([order, kept[torch.randperm(len(kept), generator=order_rng).to(device)]])
                 idx, order = order[:B], order[B:]
-                # Eq. 1: noise the sample to a uniformly random training timestep and regress the noise
+                # Eq. 1: noise the sample to a random training timestep (drawn as the model was pre-trained:
+                # uniform for DDPM, logit-normal sigma for a flow model) and regress the noise
                 # (or v, for a v-prediction model; the velocity noise - x0, the flow-matching loss, for a flow
                 # model) from the guided output (G.1).
-                t = distributed.randint(scheduler.config.num_train_timesteps, B, device)
+                t = common.training_timesteps(scheduler, B, device)
                 noise = distributed.randn(x0[idx].shape, device)
                 x_t = common.noised(scheduler, x0[idx], noise, t)
                 target = common.denoising_target(scheduler, x0[idx], noise, t)

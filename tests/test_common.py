@@ -1076,6 +1076,20 @@ def flow_scheduler(num_steps: int, shift: float = 3.0):
     return scheduler
 
 
+def test_training_timesteps_are_drawn_as_each_family_was_pre_trained():
+    """Denoising losses (RWR, ReFL's L_pre) draw t as the model was trained: DDPM's uniform integers, and for a flow
+    model 1000 sigma with SD3's logit-normal sigma (whose logit has std 1; a uniform sigma's has std pi/sqrt 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    t = common.training_timesteps(DDIMScheduler(num_train_timesteps=1000), 20_000, "cpu")
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 999 and abs(t.float().mean() - 499.5) < 10
+    sigma = common.training_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 20_000, "cpu") / 1000
+    assert 0 < sigma.min() and sigma.max() < 1
+    logit = torch.log(sigma / (1 - sigma))
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+
+
 def test_flow_euler_step_equals_the_flow_match_scheduler_step():
     scheduler = flow_scheduler(10)
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
