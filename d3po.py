@@ -34,14 +34,14 @@ import common
 import d3po_label
 import distributed
 import runner
-from hub import TOY_MODEL, fail
+from hub import DEFAULT_MODEL, fail
 
 
 @dataclass
 class Args(runner.RunArgs):
-    model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
-    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
+    model: str = DEFAULT_MODEL
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
+    flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function: the preference oracle for --feedback reward, the eval score for both modes"""
     prompts: str = "auto"

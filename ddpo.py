@@ -28,16 +28,16 @@ import torch
 import common
 import distributed
 import runner
-from hub import TOY_MODEL, fail
+from hub import DEFAULT_MODEL, fail
 
 
 @dataclass
 class Args(runner.RunArgs):
     estimator: str = "is"
     """sf: score-function gradient, one update per round (eq. 3); is: importance sampling + PPO clip (eq. 4)"""
-    model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
-    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
+    model: str = DEFAULT_MODEL
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
+    flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
     reward: str = "jpeg_compressibility"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
     prompts: str = "auto"

@@ -7,7 +7,7 @@ Backpropagate a differentiable reward through the sampling chain, but
   2. train only K equally spaced steps with a random offset (Alg. 1 lines 5-6);
   3. stop early at a random t_min <= m and score the x0 prediction made there (lines 8, 19-21).
 
-Quick run on the toy world (CPU, about 4 minutes on 2 cores; symmetry with the toy CLIP as regulariser):
+Quick run on the toy world (CPU, under 3 minutes on 2 cores; symmetry with the toy CLIP as regulariser):
     python drtune.py --reward symmetry --K 5
 The paper's settings on Stable Diffusion 1.5 (a GPU; batch 32 = 8 x 4 accumulated; DDPM-like eta 1):
     python drtune.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward symmetry \
@@ -23,14 +23,14 @@ import torch
 import common
 import distributed
 import runner
-from hub import TOY_MODEL, fail
+from hub import DEFAULT_MODEL, fail
 
 
 @dataclass
 class Args(runner.RunArgs):
-    model: str = TOY_MODEL
-    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy = the toy world's model
-    (toyworld/sd), toy-flow = its flow-matching twin (toyworld/flow)"""
+    model: str = DEFAULT_MODEL
+    """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
+    flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
     reward: str = "symmetry"
     """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (must be differentiable)"""
     clip_weight: float = 0.015  # a shared flag (runner.RunArgs) with this script's own default

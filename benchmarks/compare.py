@@ -49,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import hub  # noqa: E402  (the toy models' names and folders; hub imports nothing heavy)
 
-TOY_MODEL = hub.TOY_MODEL
 SCRIPTS = ("alignprop.py", "d3po.py", "ddpo.py", "draft.py", "drtune.py", "refl.py", "rwr.py")
 
 # Named comparisons. Keys: about, reward ("default": each script's own), methods (name -> "script flags"), budget
@@ -63,6 +62,7 @@ UNIFIED = ("--num-steps 20 --guidance-scale 5.0 --eta 0 --batch-size 8 --lr 3e-3
            "--grad-clip 0.1 --lora-rank 8 --clip-weight 0.01")
 PRESETS = {
     "drtune-table1": {
+        "model": hub.TOY_MODEL,  # measured on the toy Stable Diffusion (the README's figures)
         "about": "DRTune Table 1, symmetry column, on the toy world: the gradient family at equal compute, one set "
                  "of hyperparameters for all (ReFL-k and DRaFT-k scaled from T 50 to T 20: k 10 -> 4, 20 -> 8)",
         "reward": "symmetry",
@@ -80,6 +80,7 @@ PRESETS = {
         "fidelity": "on",
     },
     "drtune-fig6": {
+        "model": hub.TOY_MODEL,  # measured on the toy Stable Diffusion (the README's figures)
         "about": "DRTune Fig. 6 on the toy world: DRaFT-T (all 20 steps) and AlignProp (T/2 steps on average: uniform "
                  "truncation), each with and without the stop-gradient of the UNet input, at equal compute",
         "reward": "symmetry",
@@ -95,6 +96,7 @@ PRESETS = {
         "fidelity": "on",
     },
     "drtune-fig7": {
+        "model": hub.TOY_MODEL,  # measured on the toy Stable Diffusion (the README's figures)
         "about": "DRTune Fig. 7 on the toy world: the LoRA gradient norm of DRaFT-K against K (T 20), with and without "
                  "the stop-gradient of the UNet input, over the first 5 updates",
         "reward": "symmetry",
@@ -107,6 +109,7 @@ PRESETS = {
         "fidelity": "off",
     },
     "ddpo-fig3": {
+        "model": hub.TOY_MODEL,  # measured on the toy Stable Diffusion (the README's figures)
         "about": "DDPO Fig. 3 (JPEG compressibility) on the toy world: the RL family at equal reward queries (20 rounds "
                  "of 32 samples), each method at its best learning rate and clip range of a one-seed sweep "
                  "(benchmarks/results/ddpo-sweep)",
@@ -128,6 +131,7 @@ PRESETS = {
         },
     },
     "d3po-vs-ddpo": {
+        "model": hub.TOY_MODEL,  # measured on the toy Stable Diffusion (the README's figures)
         "about": "D3PO (preferences from the reward) against DDPO on the same reward, JPEG compressibility, at equal "
                  "reward queries (20 iterations of 32 samples)",
         "reward": "jpeg_compressibility",
@@ -162,10 +166,11 @@ PRESETS = {
         "holds": "gain",
     },
 }
-PRESETS["flow-flagship"] = PRESETS["flagship"] | {
-    "about": "The flagship on the toy flow world: python drtune.py --model toy-flow --reward symmetry --K 5, its "
+# The flagship as it was measured on the toy Stable Diffusion, before the default model became the flow one.
+PRESETS["sd-flagship"] = PRESETS["flagship"] | {
+    "about": "The flagship on the toy Stable Diffusion: python drtune.py --model toy --reward symmetry --K 5, its "
              "defaults, 5 seeds x 2 float paths, with toyworld/check.py's fidelity (same bar as the flagship)",
-    "model": "toy-flow"}
+    "model": hub.TOY_MODEL}
 # What makes a run hold (--holds): "gain": its eval reward rises with the prompt kept; "halve-asymmetry": the
 # flagship's bar, half the pretrained model's held-out asymmetry with the prompt kept more strictly.
 HOLDS = {"gain": {"colour": 0.90, "background": 0.90, "shape": 0.75},
@@ -298,7 +303,7 @@ def settle(ns: argparse.Namespace) -> argparse.Namespace:
         if unknown:
             fail(f"preset {ns.preset} has unknown keys {', '.join(sorted(unknown))}")
     s = argparse.Namespace(**vars(ns))
-    for key, default in (("reward", None), ("model", TOY_MODEL), ("budget", 0.0), ("budget_seconds", 0.0),
+    for key, default in (("reward", None), ("model", hub.DEFAULT_MODEL), ("budget", 0.0), ("budget_seconds", 0.0),
                          ("iters", None), ("seeds", [0]), ("common_flags", ""), ("x", "compute"), ("evals", 8),
                          ("eval_size", 16), ("fidelity", "auto"),
                          ("threads", [1]), ("holds", None)):

@@ -17,9 +17,9 @@ import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny budget for every run: 2 updates of 2 images, 2 eval prompts; one thread (a shared CPU makes
-# several threads wait on each other at every op).
-TINY = ["--reward", "brightness", "--batch-size", "2", "--eval-size", "2", "--eval-num-steps", "3", "--iters", "2",
-        "--threads", "1"]
+# several threads wait on each other at every op). On the toy Stable Diffusion: the traces read its UNet's calls.
+TINY = ["--model", "toy", "--reward", "brightness", "--batch-size", "2", "--eval-size", "2", "--eval-num-steps", "3",
+        "--iters", "2", "--threads", "1"]
 
 
 @dataclass

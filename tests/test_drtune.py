@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import tyro
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline
 
 import common
 import hub
@@ -130,12 +130,18 @@ def test_tiny_run_writes_metrics_grids_and_a_lora_diffusers_can_load(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "eval_time_s")} for r in rs]  # noqa: E731
     assert strip(rows_again) == strip(rows)
 
-    base = StableDiffusionPipeline.from_pretrained(str(hub.TOY_MODEL_DIR), dtype=torch.float32)  # the default model
-    tuned = StableDiffusionPipeline.from_pretrained(str(hub.TOY_MODEL_DIR), dtype=torch.float32)
+    # the default model (the toy flow model, saved without T5) loaded by plain diffusers, then the run's LoRA on it
+    assert json.loads((run_dir / "args.json").read_text())["model"] == hub.DEFAULT_MODEL == hub.TOY_FLOW_MODEL
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
+    base = StableDiffusion3Pipeline.from_pretrained(str(hub.TOY_FLOW_MODEL_DIR), dtype=torch.float32, **no_t5)
+    tuned = StableDiffusion3Pipeline.from_pretrained(str(hub.TOY_FLOW_MODEL_DIR), dtype=torch.float32, **no_t5)
     tuned.load_lora_weights(str(run_dir))
-    x, cond = torch.randn(1, 4, 16, 16), common.encode_prompts(base, ["a red circle on a white background"])
+    config = base.transformer.config
+    inputs = {"hidden_states": torch.randn(1, config.in_channels, 16, 16), "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": torch.randn(1, 8, config.joint_attention_dim),
+              "pooled_projections": torch.randn(1, config.pooled_projection_dim)}
     with torch.no_grad():
-        assert not torch.allclose(base.unet(x, 500, cond).sample, tuned.unet(x, 500, cond).sample)
+        assert not torch.allclose(base.transformer(**inputs).sample, tuned.transformer(**inputs).sample)
 
     # the toy world's checker loads the same LoRA and scores the samples
     check = subprocess.run([sys.executable, str(ROOT / "toyworld" / "check.py"), "--lora", str(run_dir), "--n", "4",

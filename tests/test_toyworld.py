@@ -52,7 +52,7 @@ def test_toy_stable_diffusion_draws_what_the_prompt_says():
     import hub
     from rewards import brightness
 
-    pipe = common.load_pipeline(hub.TOY_MODEL)  # the default --model of every script
+    pipe = common.load_pipeline(hub.TOY_MODEL)  # the toy Stable Diffusion (`--model toy`)
     combos = world.all_combinations() * 4
     _, images = common.evaluate(pipe, [world.caption(*k) for k in combos], brightness, num_steps=30,
                                 guidance_scale=5.0, resolution=world.SIZE, batch_size=32)

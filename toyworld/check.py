@@ -31,8 +31,9 @@ class Args:
     lora: str = ""
     """a run directory holding pytorch_lora_weights.safetensors, or a LoRA .safetensors file (empty: the pretrained
     model)"""
-    model: str = hub.TOY_MODEL
-    """the toy model, toy-flow (its flow-matching twin), or any diffusers folder drawing the toy world"""
+    model: str = ""
+    """toy-flow (the toy world's flow-matching model), toy (its Stable Diffusion) or any diffusers folder drawing the
+    toy world; default: the model of the run --lora names (its args.json), else the scripts' default (toy-flow)"""
     prompts: str = "toy_eval"
     """prompt set or file; prompts must follow the toy caption grammar"""
     n: int = 96
@@ -69,6 +70,10 @@ def check_args(args: Args) -> list[str]:
             hub.fail(f"--grid {args.grid}: needs an existing folder and an image suffix such as .png")
     if args.lora:
         common.read_lora(args.lora, "--lora")  # a missing or damaged file fails here, in one line
+    run_args = Path(args.lora).expanduser() / "args.json" if args.lora else None
+    if not args.model and run_args and run_args.is_file():
+        args.model = json.loads(run_args.read_text()).get("model") or ""
+    args.model = args.model or hub.DEFAULT_MODEL
     hub.resolve_model(args.model)
     return prompts
 
@@ -93,7 +98,7 @@ def main():
     hits = torch.tensor([[a == b for a, b in zip(world.classify(x), world.parse(p))] for x, p in zip(images, batch)])
     colour, shape, background = hits.float().mean(dim=0).tolist()
     report = {"asymmetry": asym.mean().item(), "clipscore": clip.mean().item(), "colour": colour, "shape": shape,
-              "background": background, "n": args.n, "lora": args.lora}
+              "background": background, "n": args.n, "model": args.model, "lora": args.lora}
     print(json.dumps(report))
     if args.grid:
         runner.save_grid(images, args.grid, ncols=args.grid_cols)
