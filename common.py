@@ -29,13 +29,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import diffusers
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig, set_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import distributed
 import families
