@@ -10,15 +10,17 @@ Each iteration (a "round"):
      samples at random t, each sample's term multiplied by its weight, with the guided prediction (G.1).
 The rewards need no gradient. RWR ignores the denoising chain and sees only x_0: a one-step MDP (C.2).
 
-Quick run on the toy world (CPU, a few minutes):
+Quick run on the toy world (CPU, a few minutes; deterministic samples and a pull toward the pretrained model, which
+the paper has not: without it self-training on its own samples erases the toy pictures, README "Do the defaults
+hold?"):
     python rwr.py --weighting softmax
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 10k samples and 400 updates of 128 per round,
 lr 1e-5, beta 0.2 on the raw reward as in the JAX code; sparse: percentile 90; the paper tunes the whole
 UNet, here LoRA) on a GPU:
-    python rwr.py --weighting softmax --model CompVis/stable-diffusion-v1-4 --prompts imagenet_animals \
-        --num-steps 50 --guidance-scale 5.0 --batch-size 16 --sample-batches 625 --samples-per-prompt 1 \
-        --grad-accum 8 --updates-per-round 400 --lr 1e-5 --inverse-temperature 0.2 --no-normalize --lora-rank 4 \
-        --iters 6
+    python rwr.py --weighting softmax --model CompVis/stable-diffusion-v1-4 --reward jpeg_compressibility \
+        --prompts imagenet_animals --eta 1 --kl-coeff 0 --num-steps 50 --guidance-scale 5.0 --batch-size 16 \
+        --sample-batches 625 --samples-per-prompt 1 --grad-accum 8 --updates-per-round 400 --lr 1e-5 \
+        --inverse-temperature 0.2 --no-normalize --lora-rank 4 --iters 6
 and RWR-sparse with the same flags but `--weighting sparse --percentile 90`.
 """
 
@@ -41,8 +43,9 @@ class Args(runner.RunArgs):
     model: str = DEFAULT_MODEL
     """diffusers Stable Diffusion 1.x/2.x/XL/3 or FLUX: hub id or local folder; toy-flow = the toy world's
     flow-matching model (toyworld/flow), toy = its Stable Diffusion (toyworld/sd)"""
-    reward: str = "jpeg_compressibility"
-    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable)"""
+    reward: str = "colorfulness"
+    """a reward of rewards.py, a weighted sum (hpsv2+0.5*clipscore) or module:function (need not be differentiable);
+    colorfulness: the toy world's honest task (larger shapes; paper: jpeg_compressibility, aesthetic)"""
     prompts: str = "auto"
     """a prompt set of prompts/ (evaluated on <set>_eval if it exists) or a text file, one prompt per line; auto =
     toy for the toy model, else the reward's set (simple_animals, general or books)"""
@@ -50,8 +53,9 @@ class Args(runner.RunArgs):
     """T: DDIM sampling steps (paper: 50)"""
     guidance_scale: float = 5.0
     """classifier-free guidance scale, used for sampling and, with --cfg-training, training (paper: 5.0)"""
-    eta: float = 1.0
-    """DDIM noise scale for sampling (paper: 1.0, ancestral); on a flow model the SDE's noise level"""
+    eta: float = 0.0
+    """DDIM noise scale for sampling (paper: 1.0, ancestral); on a flow model the SDE's noise level. RWR sees only x_0
+    (C.2), so 0 (deterministic) serves: its samples are then those the evaluation draws"""
     resolution: int = 0
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
@@ -64,7 +68,7 @@ class Args(runner.RunArgs):
     """micro-batches per optimizer update (paper: 128 samples per update)"""
     updates_per_round: int = 8
     """optimizer updates per round, cycling over the round's kept samples (paper: 400)"""
-    iters: int = 12
+    iters: int = 24
     """iterations, each one round: sampling, then --updates-per-round updates (paper: 6 rounds)"""
     lr: float = 3e-3
     """AdamW learning rate (paper: 1e-5 on the full UNet; 3e-3 is the toy world's best for both weightings, README
@@ -90,6 +94,10 @@ class Args(runner.RunArgs):
     """sparse: drop this bottom percentage of each prompt's samples, keep the rest (paper: 90)"""
     cfg_training: bool = True
     """train the guided prediction with the sampling guidance scale (appendix G.1)"""
+    kl_coeff: float = 10.0
+    """weight of a pull toward the pretrained model: kl_coeff x ||prediction - pretrained prediction||^2 on the same
+    noised sample, the step KL between the two models' Gaussians up to a constant (0 = the paper's RWR, which on the
+    toy world erases the pictures within 8 rounds, README "Do the defaults hold?")"""
     # a shared flag (runner.RunArgs) with this script's own default
     eval_every: int = 4
     """evaluate every N iterations (0 = only before the first and after the last)"""
@@ -111,6 +119,8 @@ def check_args(args: Args):
              f"(--batch-size x --sample-batches = {args.batch_size * args.sample_batches})")
     if args.inverse_temperature <= 0:
         fail(f"--inverse-temperature must be positive (got {args.inverse_temperature})")
+    if args.kl_coeff < 0:
+        fail(f"--kl-coeff must be >= 0 (got {args.kl_coeff})")
     return prompts
 
 
@@ -153,6 +163,17 @@ def weighted_denoising_loss(prediction, target, weights):
     diffusers training loss does); the weights are constants, no gradient through the reward."""
     per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
     return (weights * per_sample).mean()
+
+
+def anchor_to_pretrained(pipe, pred, x_t, t, cond, uncond, guidance_scale: float):
+    """mean ||pred - pred_ref||^2 with pred_ref the pretrained model's (the same UNet, its LoRA disabled) on the same
+    input. Self-training on its own samples drifts from the pretrained model every round, whatever the weights;
+    this bounds the drift as a KL penalty does (two Gaussians of one std: KL is the squared mean gap, scaled)."""
+    with torch.no_grad():
+        pipe.unet.disable_adapters()
+        pred_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, guidance_scale)
+        pipe.unet.enable_adapters()
+    return ((pred - pred_ref) ** 2).mean()
 
 
 def main():
@@ -222,7 +243,7 @@ def main():
         order_rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + distributed.RANK)
 
         # ALGO LOGIC: weighted denoising updates, cycling through the kept samples in shuffled order
-        order, losses, grad_norms = torch.empty(0, dtype=torch.long, device=device), [], []
+        order, losses, grad_norms, kls = torch.empty(0, dtype=torch.long, device=device), [], [], []
         for _ in range(args.updates_per_round):
             for _ in range(args.grad_accum):
                 while len(order) < B:
@@ -239,6 +260,11 @@ def main():
                 pred = common.unet_output(pipe.unet, x_t, t, conds[idx], uncond if args.cfg_training else None,
                                           args.guidance_scale)
                 loss = weighted_denoising_loss(pred, target, weights[idx])
+                if args.kl_coeff:
+                    kl = anchor_to_pretrained(pipe, pred, x_t, t, conds[idx], uncond if args.cfg_training else None,
+                                              args.guidance_scale)
+                    loss = loss + args.kl_coeff * kl
+                    kls.append(kl.item())
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
             distributed.average_gradients(params)  # over the ranks, before clipping
@@ -252,6 +278,7 @@ def main():
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": distributed.mean_over_ranks(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
+        row |= {"kl_to_pretrained": float(np.mean(kls))} if args.kl_coeff else {}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import runner
 
 import rwr
@@ -78,6 +79,41 @@ def test_weighted_denoising_loss_drops_zero_weights_and_scales_the_others():
     assert loss.item() == pytest.approx((2 * 1 + 0 * 4 + 1 * 9) / 3)
 
 
+def test_anchor_to_pretrained_is_the_squared_gap_to_the_lora_free_prediction(pipe):
+    """--kl-coeff: zero, with zero gradient, while the LoRA is zero; after a change of the LoRA, the mean squared gap
+    between the guided prediction and the same UNet's with the adapter switched off, and its gradient pulls back."""
+    params = common.add_lora(pipe.unet, 2)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 100])
+    cond, uncond = common.encode_prompts(pipe, ["a cat", "a dog"]), common.encode_prompts(pipe, ["", ""])
+    pred = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    gap = rwr.anchor_to_pretrained(pipe, pred, x, t, cond, uncond, 5.0)
+    gap.backward()
+    assert gap.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    pred = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    gap = rwr.anchor_to_pretrained(pipe, pred, x, t, cond, uncond, 5.0)
+    scaled = [m for m in pipe.unet.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    scalings = [dict(m.scaling) for m in scaled]
+    with torch.no_grad():
+        for module in scaled:  # the LoRA-free UNet computed another way: every LoRA scale at 0
+            module.scaling = {k: 0.0 for k in module.scaling}
+        ref = common.unet_output(pipe.unet, x, t, cond, uncond, 5.0)
+    torch.testing.assert_close(gap, ((pred.detach() - ref) ** 2).mean(), rtol=1e-5, atol=1e-8)
+    assert gap.item() > 0
+    # one small step down the anchor's gradient shrinks the gap
+    gap.backward()
+    with torch.no_grad():
+        for module, scaling in zip(scaled, scalings):
+            module.scaling = scaling
+        for p in params:
+            p.sub_(1e-3 * p.grad / (p.grad.norm() + 1e-12))
+        after = rwr.anchor_to_pretrained(pipe, common.unet_output(pipe.unet, x, t, cond, uncond, 5.0), x, t, cond,
+                                         uncond, 5.0)
+    assert after < gap
+
+
 @pytest.mark.parametrize("weighting,kept", [pytest.param("softmax", 4, marks=pytest.mark.slow), ("sparse", 2)])
 def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_dir):
     model = embedded_dir
@@ -106,6 +142,7 @@ def test_tiny_run_writes_metrics_and_lora(weighting, kept, tmp_path, embedded_di
     (["--percentile", "100.0"], "--percentile"),
     (["--batch-size", "3", "--sample-batches", "1", "--samples-per-prompt", "2"], "divide"),
     (["--weighting", "dense"], "--weighting"),
+    (["--kl-coeff", "-1"], "--kl-coeff"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, needle, monkeypatch, capsys, tmp_path):
     expect_bad_input(rwr, argv, monkeypatch, capsys, tmp_path, needle)  # main(): nothing created
