@@ -44,15 +44,15 @@ from benchmarks import sd_arch  # noqa: E402
 VARIANTS = {
     "ddpo-sf": ("ddpo.py", ["--estimator", "sf", "--samples-per-prompt", "1"]),  # any batch; speed is the same
     "ddpo-is": ("ddpo.py", ["--estimator", "is", "--samples-per-prompt", "1"]),
-    "rwr-softmax": ("rwr.py", ["--weighting", "softmax"]),
-    "rwr-sparse": ("rwr.py", ["--weighting", "sparse"]),
+    "rwr-softmax": ("rwr.py", ["--weighting", "softmax", "--eta", "1", "--kl-coeff", "0"]),  # the paper's RWR
+    "rwr-sparse": ("rwr.py", ["--weighting", "sparse", "--eta", "1", "--kl-coeff", "0"]),
     "draft-full": ("draft.py", ["--K", "-1"]),
     "draft-k1": ("draft.py", ["--K", "1"]),
     "draft-lv": ("draft.py", ["--K", "1", "--lv", "2"]),
-    "refl": ("refl.py", []),
+    "refl": ("refl.py", ["--guidance-scale", "1.0", "--eta", "1"]),  # the original's sampler (no CFG)
     "alignprop": ("alignprop.py", []),
     "drtune-k5": ("drtune.py", ["--K", "5"]),
-    "d3po": ("d3po.py", []),
+    "d3po": ("d3po.py", ["--samples-per-prompt", "2"]),  # the paper's pairs
 }
 GRADIENT_SCRIPTS = {"draft.py", "refl.py", "alignprop.py", "drtune.py"}  # reward backpropagated through the VAE
 # Rewards that need no weights: the scripts' defaults load a CLIP from the Hub for any model but the toy one.

@@ -38,7 +38,7 @@ def make_pretrain_folder(path, n=3):
 def test_gradient_only_at_the_stop_step_and_the_reward_sees_its_x0_prediction(cfg, monkeypatch, tmp_path):
     T = 6
     argv = [*TINY, "--num-steps", str(T), "--t1", "2", "--t2", "4", "--iters", "3"]
-    argv += ["--guidance-scale", "3.0"] if cfg else []
+    argv += ["--guidance-scale", "3.0" if cfg else "1.0"]
     trace, rows = run_main(refl, argv, monkeypatch, tmp_path / "run")
     segments = trace.training_segments()
     assert len(segments) == len(rows) == 3
@@ -49,7 +49,7 @@ def test_gradient_only_at_the_stop_step_and_the_reward_sees_its_x0_prediction(cf
         assert [c.t for c in calls] == timesteps[:stop + 1]  # sampling ends at the stop step
         assert [c.requires_grad for c in calls] == [False] * stop + [True]
         assert calls[-1].grad > 0
-        assert calls[-1].batch == (4 if cfg else 2)  # CFG off by default: one conditional call
+        assert calls[-1].batch == (4 if cfg else 2)  # CFG off (the original's 1.0): one conditional call
         x, out = calls[-1].x[:2], calls[-1].out
         if cfg:
             out = out[:2] + 3.0 * (out[2:] - out[:2])
