@@ -126,8 +126,11 @@ PRESETS = {
                             "--samples-per-prompt 8 --stat-min-count 8",
             "DDPO-SF": "ddpo.py --estimator sf --lr 1e-2 --samples-per-prompt 1 --stat-min-count 16",
             "DDPO-SF-spp8": "ddpo.py --estimator sf --lr 1e-2 --samples-per-prompt 8 --stat-min-count 8",
-            "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8 --lr 3e-3",
-            "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8 --lr 3e-3",
+            # the paper's RWR (the script's toy defaults since added deterministic samples and a pull to the
+            # pretrained model): ancestral samples, no pull
+            "RWR": "rwr.py --weighting softmax --sample-batches 4 --updates-per-round 8 --lr 3e-3 --eta 1 --kl-coeff 0",
+            "RWR-sparse": "rwr.py --weighting sparse --sample-batches 4 --updates-per-round 8 --lr 3e-3 --eta 1 "
+                          "--kl-coeff 0",
         },
     },
     "d3po-vs-ddpo": {
@@ -138,7 +141,9 @@ PRESETS = {
         "iters": 20,
         "x": "reward_evals",
         "seeds": [0, 1, 2],
-        "methods": {"D3PO": "d3po.py --batch-size 16", "DDPO-SF": "ddpo.py --estimator sf"},
+        # D3PO as measured: the paper's pairs at T 20 (the script's toy defaults have since changed)
+        "methods": {"D3PO": "d3po.py --batch-size 16 --samples-per-prompt 2 --num-steps 20 --lr 1e-2",
+                    "DDPO-SF": "ddpo.py --estimator sf"},
     },
     "flagship": {
         "about": "The flagship: python drtune.py --reward symmetry --K 5, its defaults, 5 seeds x 2 float paths "
