@@ -72,7 +72,7 @@ class Args(runner.RunArgs):
     """images per micro-batch"""
     grad_accum: int = 1
     """micro-batches per optimizer update"""
-    iters: int = 30
+    iters: int = 60
     """iterations, each one optimizer update (original: 100)"""
     lr: float = 3e-3
     """AdamW learning rate (original: 1e-5, full UNet; 3e-3 and clip 0.1 as DRTune's toy defaults: with 5e-3 and

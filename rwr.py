@@ -60,8 +60,8 @@ class Args(runner.RunArgs):
     """image size in pixels; 0 = the model's native size"""
     batch_size: int = 8
     """images per sampling batch and per training micro-batch"""
-    sample_batches: int = 4
-    """sampling batches per round: samples per round = batch_size x sample_batches (paper: 10k)"""
+    sample_batches: int = 8
+    """sampling batches per round: samples per round = batch_size x sample_batches (paper: 10k; 8 prompts x 8 here)"""
     samples_per_prompt: int = 8
     """each round draws (samples per round) / this many prompts, each sampled this many times; 1 = iid prompts"""
     grad_accum: int = 1
@@ -94,7 +94,7 @@ class Args(runner.RunArgs):
     """sparse: drop this bottom percentage of each prompt's samples, keep the rest (paper: 90)"""
     cfg_training: bool = True
     """train the guided prediction with the sampling guidance scale (appendix G.1)"""
-    kl_coeff: float = 10.0
+    kl_coeff: float = 3.0
     """weight of a pull toward the pretrained model: kl_coeff x ||prediction - pretrained prediction||^2 on the same
     noised sample, the step KL between the two models' Gaussians up to a constant (0 = the paper's RWR, which on the
     toy world erases the pictures within 8 rounds, README "Do the defaults hold?")"""
