@@ -331,7 +331,7 @@ METHODS = {  # each script (and variant) with a tiny setting of its own flags
              "--samples-per-prompt", "1"],
     "rwr": ["rwr.py", "--num-steps", "3", "--batch-size", "2", "--sample-batches", "2", "--samples-per-prompt", "2",
             "--updates-per-round", "2"],
-    "d3po": ["d3po.py", "--num-steps", "3", "--batch-size", "2"],
+    "d3po": ["d3po.py", "--num-steps", "3", "--batch-size", "2", "--samples-per-prompt", "2"],
 }
 
 
@@ -866,9 +866,9 @@ def hand_count(method, row):
         return {"unet_forwards": 4 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 2, "reward_evals": 2}
     if method == "draft":  # T 3, K 1, LV 1: 3 guided calls without gradient; one LV call on the 2 copies, recomputed
         return {"unet_forwards": 3 * 4 + 2 * 4, "unet_backwards": 4, "vae_decodes": 4, "reward_evals": 4}
-    if method == "refl":  # no guidance (ReFL's 1.0); calls down to the stop step, which is trained and recomputed
+    if method == "refl":  # guided (the toy default); calls down to the stop step, which is trained and recomputed
         calls = 4 - row["t_stop"] + 1
-        return {"unet_forwards": 2 * calls + 2, "unet_backwards": 2, "vae_decodes": 2, "reward_evals": 2}
+        return {"unet_forwards": 4 * calls + 4, "unet_backwards": 4, "vae_decodes": 2, "reward_evals": 2}
     if method == "alignprop":  # T 4: 4 guided calls; steps k..3 trained and recomputed
         trained = 4 - row["truncation"][0]
         return {"unet_forwards": 4 * 4 + trained * 4, "unet_backwards": trained * 4, "vae_decodes": 2,
@@ -876,8 +876,10 @@ def hand_count(method, row):
     if method == "ddpo":  # 2 batches x T 3 sampled; every (sample, step) re-scored with gradient, guided
         return {"unet_forwards": 2 * 3 * 4 + 2 * 3 * 4, "unet_backwards": 2 * 3 * 4, "vae_decodes": 4,
                 "reward_evals": 4}
-    if method == "rwr":  # 2 batches x T 3 sampled; 2 updates of one guided denoising call on 2 samples
-        return {"unet_forwards": 2 * 3 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 4, "reward_evals": 4}
+    if method == "rwr":  # 2 batches x T 3 sampled; 2 updates of one guided denoising call on 2 samples, each with
+        # the pretrained model's call for --kl-coeff (no backward)
+        return {"unet_forwards": 2 * 3 * 4 + 2 * 4 + 2 * 4, "unet_backwards": 2 * 4, "vae_decodes": 4,
+                "reward_evals": 4}
     if method == "d3po":  # 2 prompts x 2 samples (4 images) x T 3; each step re-scored by pi_theta and pi_ref
         return {"unet_forwards": 3 * 8 + 3 * (8 + 8), "unet_backwards": 3 * 8, "vae_decodes": 4, "reward_evals": 4}
 
