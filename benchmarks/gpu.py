@@ -44,8 +44,9 @@ from benchmarks import sd_arch  # noqa: E402
 VARIANTS = {
     "ddpo-sf": ("ddpo.py", ["--estimator", "sf", "--samples-per-prompt", "1"]),  # any batch; speed is the same
     "ddpo-is": ("ddpo.py", ["--estimator", "is", "--samples-per-prompt", "1"]),
-    "rwr-softmax": ("rwr.py", ["--weighting", "softmax", "--eta", "1", "--kl-coeff", "0"]),  # the paper's RWR
-    "rwr-sparse": ("rwr.py", ["--weighting", "sparse", "--eta", "1", "--kl-coeff", "0"]),
+    # the paper's RWR (ancestral, no pull) with 4 sampling batches per round (a batch of 1 cannot form groups of 8)
+    "rwr-softmax": ("rwr.py", ["--weighting", "softmax", "--eta", "1", "--kl-coeff", "0", "--sample-batches", "4"]),
+    "rwr-sparse": ("rwr.py", ["--weighting", "sparse", "--eta", "1", "--kl-coeff", "0", "--sample-batches", "4"]),
     "draft-full": ("draft.py", ["--K", "-1"]),
     "draft-k1": ("draft.py", ["--K", "1"]),
     "draft-lv": ("draft.py", ["--K", "1", "--lv", "2"]),
