@@ -9,15 +9,13 @@ Denoising is a T-step MDP whose policy p_theta(x_{t-1} | x_t, c) is the Gaussian
      --estimator sf: score-function / REINFORCE, one update per round (eq. 3);
      --estimator is: importance sampling with PPO clipping, several updates per round (eq. 4, F.1).
 
-Quick run on the toy world (CPU, a few minutes): DDPO-IS on colourfulness, which it raises by drawing larger shapes
-(README "Do the defaults hold?"; JPEG compressibility, the paper's task, gains there only by erasing the picture):
+Quick run on the toy world (colourfulness, raised by drawing larger shapes: README "Do the defaults hold?"):
     python ddpo.py
 The paper's settings (F.6: SD 1.4, T = 50, w = 5, 256 samples per round, lr 1e-5; DDPO-IS: 4 updates
 of 64 samples, clip 1e-4; the paper tunes the whole UNet, here LoRA) on a GPU:
     python ddpo.py --estimator is --model CompVis/stable-diffusion-v1-4 --reward jpeg_compressibility \
-        --prompts imagenet_animals \
-        --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 --grad-accum 8 \
-        --clip-range 1e-4 --lr 1e-5 --samples-per-prompt 1 --stat-min-count 16 --lora-rank 4 --iters 200
+        --prompts imagenet_animals --num-steps 50 --guidance-scale 5.0 --batch-size 8 --sample-batches 32 \
+        --grad-accum 8 --clip-range 1e-4 --lr 1e-5 --samples-per-prompt 1 --stat-min-count 16 --lora-rank 4 --iters 200
 and DDPO-SF with the same flags but `--estimator sf --grad-accum 32` (one update per round).
 """
 
