@@ -260,7 +260,7 @@ def main():
                 pred = common.unet_output(pipe.unet, x_t, t, conds[idx], uncond if args.cfg_training else None,
                                           args.guidance_scale)
                 loss = weighted_denoising_loss(pred, target, weights[idx])
-                if args.kl_coeff:
+                if args.kl_coeff:  # not in the paper: the toy defaults' pull toward the pretrained model
                     kl = anchor_to_pretrained(pipe, pred, x_t, t, conds[idx], uncond if args.cfg_training else None,
                                               args.guidance_scale)
                     loss = loss + args.kl_coeff * kl
@@ -278,7 +278,7 @@ def main():
         row |= {"reward_mean": reward_all.mean().item(), "reward_std": reward_all.std().item(),
                 "loss": distributed.mean_over_ranks(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                 "kept": len(kept), "weight_max": weights.max().item(), "samples_seen": samples_seen}
-        row |= {"kl_to_pretrained": float(np.mean(kls))} if args.kl_coeff else {}
+        row |= {"kl_to_pretrained": distributed.mean_over_ranks(np.mean(kls))} if args.kl_coeff else {}
         run.log(row)
     run.finish(evaluate)  # the final model's eval, the last checkpoint, the summary
 
