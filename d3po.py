@@ -8,9 +8,9 @@ DPO without a reward model, applied to every step of the denoising chain:
   3. for every timestep and every pair (winner w, loser l), minimise eq. 14:
          -log sigmoid(beta * (log pi_theta/pi_ref (a_w | s_w) - log pi_theta/pi_ref (a_l | s_l))).
 
-Quick run on the toy world (CPU, minutes): colourfulness, 8 prompts x 4 trajectories (6 pairs each) per update,
+Quick run on the toy world (CPU, minutes): colourfulness, 8 prompts x 6 trajectories (15 pairs each) per update,
 T 10; with 4 pairs per update (4 prompts x 2) the toy runs lowered colourfulness whether asked to raise it or to
-lower it (README "Do the defaults hold?"):
+lower it, with 6 pairs per prompt one seed in three lost (README "Do the defaults hold?"):
     python d3po.py
 Learning from people (see the README): sample, label in the browser, train on the labels:
     python d3po.py --feedback human --phase sample --run-dir runs/round1
@@ -62,7 +62,7 @@ class Args(runner.RunArgs):
     """--phase train: label files exported by label.html, one per annotator; their scores are averaged"""
     num_prompts: int = 16
     """--phase sample: how many prompts to sample for labelling"""
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 6
     """n: trajectories per prompt from one x_T; every one of the n(n-1)/2 pairs is trained (paper, reward runs: 2;
     official human runs: 7)"""
     num_steps: int = 10
