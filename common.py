@@ -176,6 +176,17 @@ def unet_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+@torch.no_grad()
+def pretrained_output(unet, latents, t, cond, uncond=None, guidance_scale: float = 1.0):
+    """unet_output of the pretrained model: the same UNet with its LoRA switched off for the one call (no copy),
+    switched back on whatever happens; no gradient (a reference, a KL anchor)."""
+    unet.disable_adapters()
+    try:
+        return unet_output(unet, latents, t, cond, uncond, guidance_scale)
+    finally:
+        unet.enable_adapters()
+
+
 def _unet(unet, latents, t, cond):
     """One call of the denoiser: SD 1.x/2.x's UNet here; SDXL's UNet and the SD3 and FLUX transformers in
     families.denoise (their added conditions: pooled embedding, time ids, packed latents)."""

@@ -204,10 +204,7 @@ def kl_to_pretrained(pipe, out, latents, timesteps, cond, uncond, guidance_scale
     """Flow-GRPO's KL term: KL(p_theta(. | x_t) || p_ref(. | x_t)) of one step, both Gaussians with the step's std,
     = ||mean_theta - mean_ref||^2 / (2 std^2), averaged over the latent dimensions as the log-prob is; (B,).
     The reference is the pretrained model: the same UNet with the LoRA disabled."""
-    with torch.no_grad():
-        pipe.unet.disable_adapters()
-        out_ref = common.unet_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
-        pipe.unet.enable_adapters()
+    out_ref = common.pretrained_output(pipe.unet, latents, timesteps, cond, uncond, guidance_scale)
     mean, std = common.step_mean_std(pipe.scheduler, out, timesteps, latents, eta)
     mean_ref, _ = common.step_mean_std(pipe.scheduler, out_ref, timesteps, latents, eta)
     return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std.flatten() ** 2)

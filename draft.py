@@ -158,10 +158,7 @@ def kl_to_pretrained(pipe, latents, timesteps, grad_steps, cond, uncond, guidanc
                                                     uncond, guidance_scale, use_reentrant=False)
         else:
             eps = common.unet_output(pipe.unet, latents[i], timesteps[i], cond, uncond, guidance_scale)
-        with torch.no_grad():
-            pipe.unet.disable_adapters()
-            eps_ref = common.unet_output(pipe.unet, latents[i], timesteps[i], cond, uncond, guidance_scale)
-            pipe.unet.enable_adapters()
+        eps_ref = common.pretrained_output(pipe.unet, latents[i], timesteps[i], cond, uncond, guidance_scale)
         penalty = penalty + ((eps - eps_ref) ** 2).mean() / len(grad_steps)
     return penalty
 

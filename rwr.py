@@ -169,10 +169,7 @@ def anchor_to_pretrained(pipe, pred, x_t, t, cond, uncond, guidance_scale: float
     """mean ||pred - pred_ref||^2 with pred_ref the pretrained model's (the same UNet, its LoRA disabled) on the same
     input. Self-training on its own samples drifts from the pretrained model every round, whatever the weights;
     this bounds the drift as a KL penalty does (two Gaussians of one std: KL is the squared mean gap, scaled)."""
-    with torch.no_grad():
-        pipe.unet.disable_adapters()
-        pred_ref = common.unet_output(pipe.unet, x_t, t, cond, uncond, guidance_scale)
-        pipe.unet.enable_adapters()
+    pred_ref = common.pretrained_output(pipe.unet, x_t, t, cond, uncond, guidance_scale)
     return ((pred - pred_ref) ** 2).mean()
 
 

@@ -246,11 +246,15 @@ def test_lora_trainable_fp32_frozen_in_run_dtype_and_reference_is_adapters_disab
         for p in params:
             torch.nn.init.normal_(p, std=0.1)
         tuned = common.unet_output(pipe.unet, x, 500, cond)
-        pipe.unet.disable_adapters()
-        reference = common.unet_output(pipe.unet, x, 500, cond)
-        pipe.unet.enable_adapters()
+    reference = common.pretrained_output(pipe.unet, x, 500, cond)
     assert not torch.equal(base, tuned)
-    assert torch.equal(base, reference)
+    assert torch.equal(base, reference) and not reference.requires_grad
+    with torch.no_grad():
+        assert torch.equal(common.unet_output(pipe.unet, x, 500, cond), tuned)  # the LoRA is back on
+    with pytest.raises(RuntimeError):  # a failing call (a wrong-sized condition) still switches it back on
+        common.pretrained_output(pipe.unet, x, 500, cond[:, :, :7])
+    with torch.no_grad():
+        assert torch.equal(common.unet_output(pipe.unet, x, 500, cond), tuned)
 
 
 def test_lora_targets_choose_the_layers_and_an_unknown_one_is_a_one_line_error(embedded_dir, capsys):
